@@ -1,0 +1,324 @@
+"""Build one recipe into a cached artifact: cache lookup, method, convert, checksum, record.
+
+A build method (builder/methods/*.py) only turns a recipe into a raw or qcow2 disk inside a
+private work directory; everything common to all methods lives here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+
+from builder import __version__
+from builder.errors import BuildError, KickgateError
+from builder.hypervisor import Accel, Hypervisor
+from builder.provenance import git_state, sha256_file
+from builder.recipe import Recipe
+from builder.run import run
+from builder.stages import Stages
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "record.json"
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    cache_dir: Path
+    no_cache: bool = False
+    accel: Accel = "auto"
+    stream_console: bool = False  # serial lines at INFO on logger kickgate.serial
+    location: str | None = None  # kickstart: install source override
+
+
+@dataclass
+class BuildContext:
+    """What a build method gets. workdir is private and removed after the build."""
+
+    recipe: Recipe
+    workdir: Path
+    hypervisor: Hypervisor
+    serial_log: Path
+    stages: Stages
+    options: BuildOptions
+    on_console_line: Callable[[str], None] | None = None
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    disk: Path
+    disk_format: Literal["raw", "qcow2"]
+    build_mac: str
+    domain_type: str
+    packages: tuple[tuple[str, str], ...] = ()
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    recipe: str
+    method: str
+    family: str
+    recipe_hash: str
+    cache_key: str
+    build_id: str
+    built_at: str
+    kickgate_version: str
+    git_repo: str
+    git_revision: str
+    git_dirty: bool
+    tools: Mapping[str, str]
+    timings: Mapping[str, float]
+    total_seconds: float
+    image_file: str  # name inside the artifact directory
+    image_format: str
+    image_sha256: str
+    image_size: int
+    virtual_size_mib: int
+    serial_log: str  # name inside the artifact directory
+    build_mac: str
+    domain_type: str
+    packages: tuple[tuple[str, str], ...]
+    extra: Mapping[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildRecord:
+        data = json.loads(text)
+        data["packages"] = tuple(tuple(p) for p in data.get("packages", ()))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built image in the cache: image file, its record, its serial log."""
+
+    dir: Path
+    record: BuildRecord
+    cached: bool
+    seconds: float  # wall time of this request (build, or cache lookup)
+
+    @property
+    def image(self) -> Path:
+        return self.dir / self.record.image_file
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / RECORD_NAME
+
+    @property
+    def serial_log(self) -> Path:
+        return self.dir / self.record.serial_log
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("KICKGATE_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kickgate"
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """Content hash of everything the recipe consists of (paths relative to the recipe's root)."""
+    h = hashlib.sha256()
+    root = recipe.dir.parent.parent
+    for path in recipe.input_files():
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            rel = Path(path.name)
+        h.update(str(rel).encode() + b"\0")
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(b"\1" if os.access(path, os.X_OK) else b"\0")
+    return h.hexdigest()
+
+
+_TOOL_ARGV = {
+    "mmdebstrap": ["mmdebstrap", "--version"],
+    "qemu-img": ["qemu-img", "--version"],
+    "qemu-system-x86_64": ["qemu-system-x86_64", "--version"],
+    "mke2fs": ["mke2fs", "-V"],
+}
+
+
+def tool_versions(method: str) -> dict[str, str]:
+    names = ["qemu-img", "qemu-system-x86_64"]
+    if method == "bootstrap":
+        names += ["mmdebstrap", "mke2fs"]
+    out = {}
+    for name in names:
+        res = run(_TOOL_ARGV[name], timeout=20, check=False)
+        first = next((ln for ln in res.stdout.splitlines() if ln.strip()), "missing")
+        out[name] = first.strip()
+    return out
+
+
+def method_code_hash(method: str) -> str:
+    """The build method's own code and data: a change to how images are made invalidates the cache."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in sorted([here / "build.py", here / "disk.py", here / "domain.py",
+                        *(here / "methods").glob(f"{method}*.py"), *(here / "data").glob(f"{method}*")]):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def cache_key(recipe: Recipe, tools: Mapping[str, str]) -> str:
+    h = hashlib.sha256()
+    h.update(recipe_hash(recipe).encode())
+    h.update(method_code_hash(recipe.method).encode())
+    h.update(json.dumps(dict(tools), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _run_method(ctx: BuildContext) -> MethodResult:
+    if ctx.recipe.method == "bootstrap":
+        from builder.methods import bootstrap
+
+        return bootstrap.build(ctx)
+    from builder.methods import kickstart
+
+    return kickstart.build(ctx)
+
+
+def convert(src: Path, src_format: str, dst: Path, recipe: Recipe) -> None:
+    argv: list[str] = ["qemu-img", "convert", "-f", src_format, "-O", recipe.disk.format]
+    if recipe.disk.format == "qcow2" and recipe.disk.compression != "none":
+        argv += ["-c", "-o", f"compression_type={recipe.disk.compression}"]
+    run([*argv, str(src), str(dst)], timeout=900)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_artifact(directory: Path) -> Artifact:
+    record = BuildRecord.from_json((directory / RECORD_NAME).read_text())
+    return Artifact(dir=directory, record=record, cached=True, seconds=0.0)
+
+
+def build_image(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions,
+                on_console_line: Callable[[str], None] | None = None) -> Artifact:
+    """Return the cached artifact for recipe, building it first if needed. xdist- and process-safe."""
+    started = time.monotonic()
+    tools = tool_versions(recipe.method)
+    key = cache_key(recipe, tools)
+    images_dir = options.cache_dir / "images" / recipe.name
+    final = images_dir / key[:16]
+    images_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(images_dir / f".{key[:16]}.lock")):
+        if final.is_dir() and (final / RECORD_NAME).is_file() and not options.no_cache:
+            art = load_artifact(final)
+            if art.image.is_file() and art.image.stat().st_size == art.record.image_size:
+                elapsed = time.monotonic() - started
+                log.info("%s: cached %s (%.2fs)", recipe.name, art.image, elapsed)
+                return Artifact(dir=final, record=art.record, cached=True, seconds=elapsed)
+            log.warning("%s: cached artifact in %s is incomplete; rebuilding", recipe.name, final)
+        art = _build_uncached(recipe, hypervisor, options, tools, key, final, started, on_console_line)
+        return art
+
+
+def _build_uncached(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions, tools: Mapping[str, str],
+                    key: str, final: Path, started: float,
+                    on_console_line: Callable[[str], None] | None) -> Artifact:
+    tmp_root = options.cache_dir / "tmp"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=tmp_root))
+    workdir = staging / "work"
+    workdir.mkdir()
+    out = staging / "out"
+    out.mkdir()
+    stages = Stages(recipe.name)
+    serial = out / "serial.log"
+    git = git_state(recipe.dir)
+    try:
+        hypervisor.open()
+        ctx = BuildContext(recipe=recipe, workdir=workdir, hypervisor=hypervisor, serial_log=serial,
+                           stages=stages, options=options, on_console_line=on_console_line)
+        result = _run_method(ctx)
+        image_name = f"{recipe.name}.{recipe.disk.format}"
+        with stages("convert"):
+            convert(result.disk, result.disk_format, out / image_name, recipe)
+        shutil.rmtree(workdir)
+        with stages("checksum"):
+            digest = sha256_file(out / image_name)
+        total = round(time.monotonic() - started, 3)
+        record = BuildRecord(
+            recipe=recipe.name, method=recipe.method, family=recipe.family, recipe_hash=recipe_hash(recipe),
+            cache_key=key, build_id=f"{recipe.name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}",
+            built_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), kickgate_version=__version__,
+            git_repo=git.repo, git_revision=git.revision, git_dirty=git.dirty, tools=dict(tools),
+            timings=dict(stages.timings), total_seconds=total, image_file=image_name,
+            image_format=recipe.disk.format, image_sha256=digest, image_size=(out / image_name).stat().st_size,
+            virtual_size_mib=recipe.disk.size_mib, serial_log=serial.name, build_mac=result.build_mac,
+            domain_type=result.domain_type, packages=result.packages, extra=dict(result.extra))
+        _atomic_write(out / RECORD_NAME, record.to_json())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+        log.info("%s: built %s in %.1fs (sha256 %s)", recipe.name, final / image_name, total, digest[:12])
+        return Artifact(dir=final, record=record, cached=False, seconds=total)
+    except (KeyboardInterrupt, SystemExit):
+        log.warning("%s: build interrupted in stage %s; cleaning up", recipe.name, stages.current)
+        _keep_failed_log(serial, options.cache_dir, recipe.name)
+        raise
+    except KickgateError as exc:
+        kept = _keep_failed_log(serial, options.cache_dir, recipe.name)
+        if isinstance(exc, BuildError) and kept is not None:
+            exc.serial_log = str(kept)
+        raise
+    except Exception as exc:
+        kept = _keep_failed_log(serial, options.cache_dir, recipe.name)
+        raise BuildError(stages.current or "build", f"{type(exc).__name__}: {exc}",
+                         serial_log=str(kept) if kept else None) from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _keep_failed_log(serial: Path, cache_dir: Path, name: str) -> Path | None:
+    """A failed build's serial log outlives its staging dir, for the user to read."""
+    if not serial.is_file():
+        return None
+    logs = cache_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    kept = logs / f"{name}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-serial.log"
+    shutil.copyfile(serial, kept)
+    return kept
+
+
+def describe(record: BuildRecord) -> dict[str, Any]:
+    return asdict(record)

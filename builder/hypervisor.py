@@ -1,0 +1,259 @@
+"""The libvirt connection: embedded QEMU driver by default, any URI by option; accel detection.
+
+Every domain started through a Hypervisor is destroyed when the Hypervisor closes, whatever
+happened in between, so no qemu process outlives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import libvirt
+
+from builder.errors import CommandError, HypervisorError
+from builder.run import run
+
+log = logging.getLogger(__name__)
+
+DomainType = Literal["kvm", "qemu"]
+Accel = Literal["auto", "kvm", "tcg"]
+
+_EMBED_QEMU_CONF = """\
+# Written by kickgate: the embedded driver runs QEMU as root with no daemon and no virtlogd.
+user = "root"
+group = "root"
+dynamic_ownership = 0
+remember_owner = 0
+security_driver = "none"
+stdio_handler = "file"
+"""
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """libvirt needs one event loop per process, registered before the first connection."""
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def loop() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
+
+
+def _silence_libvirt_stderr() -> None:
+    # libvirt prints every error to stderr by default; we raise them as exceptions instead.
+    def handler(_ctx: object, _err: object) -> None:
+        return None
+
+    libvirt.registerErrorHandler(handler, None)
+
+
+class Hypervisor:
+    """A libvirt connection plus the domains this process started on it."""
+
+    def __init__(self, uri: str | None = None, accel: Accel = "auto", cache_dir: Path | None = None) -> None:
+        self.requested_uri = uri
+        self.accel = accel
+        self.cache_dir = cache_dir
+        self._embed_root: Path | None = None
+        self._conn: Any = None
+        self._domains: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._domain_type: DomainType | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Hypervisor:
+        self.open()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def uri(self) -> str:
+        if self.requested_uri:
+            return self.requested_uri
+        assert self._embed_root is not None
+        return f"qemu:///embed?root={self._embed_root}"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.requested_uri
+
+    def open(self) -> None:
+        if self._conn is not None:
+            return
+        _ensure_event_loop()
+        _silence_libvirt_stderr()
+        if self.embedded:
+            # Short path: QEMU's monitor sockets live below it and UNIX paths max out at 108 bytes.
+            self._embed_root = Path(tempfile.mkdtemp(prefix="kg-virt-", dir="/tmp"))
+            (self._embed_root / "etc").mkdir()
+            (self._embed_root / "etc" / "qemu.conf").write_text(_EMBED_QEMU_CONF)
+        try:
+            self._conn = libvirt.open(self.uri)
+        except libvirt.libvirtError as exc:
+            self._remove_embed_root()
+            hint = ("install libvirt-daemon-driver-qemu and libvirt-daemon-system (ci/setup does)"
+                    if self.embedded else "is libvirtd running and the URI right?")
+            raise HypervisorError(f"cannot open libvirt at {self.uri}: {exc.get_error_message()} ({hint})") from None
+        log.debug("libvirt connection open: %s", self.uri)
+
+    def close(self) -> None:
+        with self._lock:
+            names = list(self._domains)
+        for name in names:
+            self.destroy(name)
+        if self._conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._conn.close()
+            self._conn = None
+        self._remove_embed_root()
+
+    def _remove_embed_root(self) -> None:
+        if self._embed_root is not None:
+            shutil.rmtree(self._embed_root, ignore_errors=True)
+            self._embed_root = None
+
+    # -- domains -----------------------------------------------------------------------------
+
+    def start(self, xml: str, name: str) -> Any:
+        """Start a transient domain; it is destroyed at close() if still running."""
+        if self._conn is None:
+            raise HypervisorError("hypervisor is not open")
+        try:
+            dom = self._conn.createXML(xml, 0)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt refused domain {name}: {exc.get_error_message()}") from None
+        with self._lock:
+            self._domains[name] = dom
+        log.debug("domain %s started (id %s)", name, dom.ID())
+        return dom
+
+    def destroy(self, name: str) -> None:
+        """Stop a domain for good (idempotent) and wait for its qemu process to be gone."""
+        with self._lock:
+            dom = self._domains.pop(name, None)
+        if dom is None:
+            return
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+                log.debug("domain %s destroyed", name)
+
+    def is_active(self, dom: Any) -> bool:
+        try:
+            return bool(dom.isActive())
+        except libvirt.libvirtError:
+            return False  # a transient domain that ended is gone from libvirt
+
+    def shutdown(self, dom: Any, timeout: float) -> bool:
+        """ACPI power-off, as OpenNebula's terminate sends; True if the guest went down in time."""
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.is_active(dom):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def active_domain_names(self) -> list[str]:
+        if self._conn is None:
+            return []
+        return [d.name() for d in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+
+    # -- acceleration ------------------------------------------------------------------------
+
+    def domain_type(self, probe_kernel: Path | None = None) -> DomainType:
+        if self._domain_type is None:
+            self._domain_type = detect_domain_type(self.accel, probe_kernel, self.cache_dir)
+        return self._domain_type
+
+
+def _kvm_openable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _probe_cache_key(kernel: Path) -> str:
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    qemu = shutil.which("qemu-system-x86_64") or ""
+    qemu_stamp = str(Path(qemu).stat().st_mtime_ns) if qemu else ""
+    return hashlib.sha256(f"{boot_id}|{qemu_stamp}|{kernel.stat().st_size}".encode()).hexdigest()[:16]
+
+
+def probe_kvm(kernel: Path, timeout: float = 10.0) -> bool:
+    """Boot a kernel with no root under KVM: a usable KVM reaches the expected panic in seconds.
+
+    Where KVM is broken the guest aborts on an MSR write or hangs right after real mode.
+    """
+    with tempfile.TemporaryDirectory(prefix="kg-probe-") as tmp:
+        serial = Path(tmp) / "serial.log"
+        argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
+                "-display", "none", "-no-reboot", "-kernel", str(kernel),
+                "-append", "console=ttyS0 panic=-1 loglevel=4", "-serial", f"file:{serial}"]
+        with contextlib.suppress(CommandError):  # a timeout is the hung-guest answer
+            run(argv, timeout=timeout, check=False)
+        text = serial.read_text(errors="replace") if serial.exists() else ""
+    return "Kernel panic" in text
+
+
+def detect_domain_type(accel: Accel, probe_kernel: Path | None, cache_dir: Path | None) -> DomainType:
+    env = os.environ.get("KICKGATE_ACCEL")
+    if env in ("auto", "kvm", "tcg"):
+        accel = env  # type: ignore[assignment]
+    if accel == "tcg":
+        return "qemu"
+    if accel == "kvm":
+        return "kvm"
+    if not _kvm_openable():
+        log.info("acceleration: /dev/kvm not usable, using TCG")
+        return "qemu"
+    if probe_kernel is None:
+        host_kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+        probe_kernel = host_kernels[-1] if host_kernels else None
+    if probe_kernel is None:
+        log.info("acceleration: no kernel to probe KVM with, using TCG")
+        return "qemu"
+    marker: Path | None = None
+    if cache_dir is not None:
+        marker = cache_dir / "accel" / _probe_cache_key(probe_kernel)
+        if marker.exists():
+            result: DomainType = "kvm" if marker.read_text().strip() == "kvm" else "qemu"
+            log.debug("acceleration: %s (probed earlier this boot)", result)
+            return result
+    started = time.monotonic()
+    ok = probe_kvm(probe_kernel)
+    result = "kvm" if ok else "qemu"
+    log.info("acceleration: %s (KVM probe %s in %.1fs)", "KVM" if ok else "TCG",
+             "passed" if ok else "failed: guests hang or abort under KVM here", time.monotonic() - started)
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(result)
+        os.replace(tmp, marker)
+    return result

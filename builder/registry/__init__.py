@@ -1,0 +1,1 @@
+"""Image registries: where verified images are promoted to."""
