@@ -1,0 +1,303 @@
+"""Throwaway instances: a copy-on-write overlay of a built image, booted the way OpenNebula would.
+
+An Instance is a context manager. Entering it creates a private 0700 work dir (overlay, context
+CD, ephemeral SSH key, serial log), boots the domain with a fresh MAC and SSH forwarded to
+127.0.0.1, and waits until the context key is accepted. Leaving it destroys the domain and
+removes everything, unless it is kept (--keep-instance) so a person can log in and look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import paramiko
+
+from builder import disk
+from builder.context import write_context_iso
+from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
+from builder.errors import InstanceError
+from builder.hypervisor import Hypervisor
+from builder.sshkey import KeyPair, generate
+
+log = logging.getLogger(__name__)
+
+KeepPolicy = Literal["never", "on-failure", "always"]
+
+# QEMU's user network: the guest is always 10.0.2.15 behind gateway .2 and resolver .3.
+USER_NET = {"IP": "10.0.2.15", "MASK": "255.255.255.0", "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
+INIT_MARKER = "/var/run/kickgate-context-init.done"
+
+# Boot phases recognised on the serial console, in order.
+_PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("bootloader", re.compile(r"GRUB|Booting from Hard Disk|Booting `")),
+    ("kernel", re.compile(r"Linux version \d")),
+    ("init", re.compile(r"systemd\[1\]|Welcome to|Run /init|Reached target")),
+    ("login prompt", re.compile(r"login:")),
+)
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    memory_mib: int = 1024
+    vcpus: int = 1
+    boot_timeout_s: float = 240.0
+    keep: KeepPolicy = "never"
+    extra_guest_ports: tuple[int, ...] = (8080,)  # forwarded too, for firewall checks
+    hostname: str | None = None
+    init_script: str | None = None  # OpenNebula FILES: init.sh run by contextualization
+    context_extra: Mapping[str, str] = field(default_factory=dict)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def default_init_script() -> str:
+    return ("#!/bin/sh\n# Written on the context CD by kickgate: proves FILES/INIT_SCRIPTS run.\n"
+            f'echo "init.sh ran for $SET_HOSTNAME" > {INIT_MARKER}\n')
+
+
+class Instance:
+    """One throwaway instance of a built image."""
+
+    def __init__(self, hypervisor: Hypervisor, image: Path, image_format: str, *, label: str,
+                 options: InstanceOptions | None = None, avoid_mac: str | None = None,
+                 domain_type: str | None = None) -> None:
+        self.hv = hypervisor
+        self.image = image
+        self.image_format = image_format
+        self.label = label
+        self.options = options or InstanceOptions()
+        self.avoid_mac = (avoid_mac or "").lower()
+        self._domain_type = domain_type
+        self.name = f"kg-{label[:24]}-{uuid.uuid4().hex[:6]}"
+        self.hostname = self.options.hostname or f"kg-{uuid.uuid4().hex[:8]}"
+        self.workdir: Path | None = None
+        self.mac = ""
+        self.ssh_port = 0
+        self.forwards: dict[int, int] = {}  # guest port → host port
+        self.key: KeyPair | None = None
+        self.serial_log: Path | None = None
+        self.ssh_config: Path | None = None
+        self.boot_seconds = 0.0
+        self.reached = "nothing"
+        self.failed = False
+        self.kept = False
+        self._dom: Any = None
+        self._ssh: paramiko.SSHClient | None = None
+        self._host: Any = None
+
+    # -- context manager ---------------------------------------------------------------------
+
+    def __enter__(self) -> Instance:
+        try:
+            self.start()
+            self.wait_ready()
+        except BaseException:
+            self.failed = True
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        if et is not None:
+            self.failed = True
+        self.stop()
+
+    # -- start -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"kg-inst-{self.label[:20]}-"))
+        self.workdir.chmod(0o700)
+        self.serial_log = self.workdir / "serial.log"
+        self.key = generate(self.workdir, f"kickgate-{self.name}")
+        self.mac = random_mac()
+        while self.mac.lower() == self.avoid_mac:
+            self.mac = random_mac()
+
+        overlay = self.workdir / "overlay.qcow2"
+        disk.create_overlay(self.image, overlay, self.image_format)
+        context_iso = self.workdir / "context.iso"
+        values = {
+            "ETH0_MAC": self.mac, **{f"ETH0_{k}": v for k, v in USER_NET.items()},
+            "SSH_PUBLIC_KEY": self.key.public_line, "SET_HOSTNAME": self.hostname, "TARGET": "hdc",
+            "DISK_ID": "1",
+        }
+        files: dict[str, bytes] = {}
+        script = self.options.init_script if self.options.init_script is not None else default_init_script()
+        if script:
+            files["init.sh"] = script.encode()
+            values["FILES"] = "init.sh"
+            values["INIT_SCRIPTS"] = "init.sh"
+        values.update(self.options.context_extra)
+        write_context_iso(context_iso, values, files)
+
+        dtype = self._domain_type or self.hv.domain_type()
+        for attempt in range(3):
+            self.ssh_port = free_port()
+            self.forwards = {22: self.ssh_port, **{p: free_port() for p in self.options.extra_guest_ports}}
+            spec = DomainSpec(
+                name=self.name, type="kvm" if dtype == "kvm" else "qemu", memory_mib=self.options.memory_mib,
+                vcpus=self.options.vcpus, serial_log=self.serial_log,
+                disks=(Disk(overlay, "qcow2"), Disk(context_iso, "raw", device="cdrom")),
+                nic=Nic(mac=self.mac, host_forwards=tuple((h, g) for g, h in self.forwards.items())),
+                on_reboot="restart")
+            try:
+                self._dom = self.hv.start(domain_xml(spec), self.name)
+                break
+            except Exception as exc:
+                # Another process may have taken a port between our probe and QEMU's bind.
+                if attempt == 2 or "hostfwd" not in str(exc).lower():
+                    raise
+        self.ssh_config = self.workdir / "ssh_config"
+        self.ssh_config.write_text(
+            f"Host {self.name}\n  HostName 127.0.0.1\n  Port {self.ssh_port}\n  User root\n"
+            f"  IdentityFile {self.key.private_path}\n  IdentitiesOnly yes\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+        log.info("%s: booting (mac %s, ssh 127.0.0.1:%d)", self.name, self.mac, self.ssh_port)
+
+    # -- waiting -----------------------------------------------------------------------------
+
+    def _serial_text(self) -> str:
+        assert self.serial_log is not None
+        try:
+            return self.serial_log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def serial_tail(self, n: int = 40) -> list[str]:
+        return self._serial_text().replace("\r", "").splitlines()[-n:]
+
+    def _update_reached(self) -> None:
+        text = self._serial_text()
+        for phase, rx in _PHASES:
+            if rx.search(text):
+                self.reached = phase
+
+    def _banner(self) -> bool:
+        """sshd answers through the forward (it sends its banner first)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=3) as s:
+                s.settimeout(3)
+                return s.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def _fail(self, reason: str) -> InstanceError:
+        self.failed = True
+        return InstanceError(self.reached, reason, self.serial_tail(),
+                             str(self.serial_log) if self.options.keep != "never" else None)
+
+    def wait_ready(self) -> None:
+        """Wait for boot → network → sshd → our context key accepted, with progress."""
+        assert self.key is not None
+        start = time.monotonic()
+        deadline = start + self.options.boot_timeout_s
+        last = ""
+        auth_error = ""
+        while True:
+            if not self.hv.is_active(self._dom):
+                raise self._fail("the domain stopped while booting")
+            self._update_reached()
+            if self._banner():
+                self.reached = "sshd"
+                try:
+                    self._ssh = self._connect()
+                    self.reached = "key accepted"
+                    break
+                except paramiko.AuthenticationException:
+                    auth_error = "sshd rejected the context key (contextualization did not apply SSH_PUBLIC_KEY)"
+                except (paramiko.SSHException, OSError) as exc:
+                    auth_error = f"ssh: {exc}"
+            if self.reached != last:
+                log.info("%s: reached %s after %.1fs", self.name, self.reached, time.monotonic() - start)
+                last = self.reached
+            if time.monotonic() > deadline:
+                raise self._fail(auth_error or f"no SSH login within {self.options.boot_timeout_s:.0f}s")
+            time.sleep(1.0)
+        self.boot_seconds = time.monotonic() - start
+        log.info("%s: SSH login with the context key after %.1fs", self.name, self.boot_seconds)
+
+    def _connect(self) -> paramiko.SSHClient:
+        assert self.key is not None
+        client = paramiko.SSHClient()
+        # Host keys are made at this instance's first boot: there is nothing to pin them against.
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client.connect("127.0.0.1", port=self.ssh_port, username="root", key_filename=str(self.key.private_path),
+                       timeout=10, banner_timeout=20, auth_timeout=20, look_for_keys=False, allow_agent=False)
+        return client
+
+    # -- use ---------------------------------------------------------------------------------
+
+    @property
+    def host(self) -> Any:
+        """testinfra Host over paramiko, using this instance's own ssh_config and key."""
+        if self._host is None:
+            import testinfra
+
+            assert self.ssh_config is not None
+            self._host = testinfra.get_host(f"paramiko://{self.name}", ssh_config=str(self.ssh_config))
+        return self._host
+
+    def ssh_command(self) -> str:
+        return f"ssh -F {self.ssh_config} {self.name}"
+
+    def run(self, command: str, timeout: float = 60) -> tuple[int, str]:
+        """Run a command over the harness's own SSH session; (exit status, stdout+stderr)."""
+        assert self._ssh is not None
+        _, stdout, stderr = self._ssh.exec_command(command, timeout=timeout)
+        out = stdout.read().decode(errors="replace") + stderr.read().decode(errors="replace")
+        return stdout.channel.recv_exit_status(), out
+
+    def host_port(self, guest_port: int) -> int:
+        return self.forwards[guest_port]
+
+    def shutdown(self, timeout: float = 60) -> bool:
+        """ACPI power-off, as OpenNebula's terminate does."""
+        return self.hv.shutdown(self._dom, timeout)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def _close_ssh(self) -> None:
+        if self._host is not None:
+            with contextlib.suppress(Exception):
+                self._host.backend.client.close()
+        if self._ssh is not None:
+            with contextlib.suppress(Exception):
+                self._ssh.close()
+        self._ssh = None
+
+    def stop(self) -> None:
+        keep = self.options.keep == "always" or (self.options.keep == "on-failure" and self.failed)
+        self._close_ssh()
+        if keep and self._dom is not None and self.hv.is_active(self._dom):
+            self.kept = True
+            log.warning("%s kept for inspection: %s  (serial log %s; destroy it with Ctrl-C of this run "
+                        "or when the run ends)", self.name, self.ssh_command(), self.serial_log)
+            return
+        self.hv.destroy(self.name)
+        self._dom = None
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def release(self) -> None:
+        """Destroy a kept instance and its files (end of run)."""
+        self.options = InstanceOptions(keep="never")
+        self.kept = False
+        self.stop()
