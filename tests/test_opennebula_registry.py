@@ -1,0 +1,530 @@
+"""OpenNebulaRegistry against the fake oned (real XML-RPC over loopback, unmodified pyone)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pyone
+import pytest
+
+from builder.errors import RegistryError
+from builder.registry.base import Registration
+from builder.registry.opennebula import (
+    OpenNebulaConfig,
+    OpenNebulaRegistry,
+    Secret,
+    read_auth_file,
+    render_template,
+)
+
+try:
+    from onesim import OneSim, SimDatastore, SimUser, parse_template
+    from onesim.server import ACTION, AUTHORIZATION, DELETE, ERROR, READY
+except ImportError:  # pragma: no cover - when tests/ is a package
+    from tests.onesim import OneSim, SimDatastore, SimUser, parse_template
+    from tests.onesim.server import ACTION, AUTHORIZATION, DELETE, ERROR, READY
+
+PASSWORD = "kick-secret-pw"
+SESSION = f"kick:{PASSWORD}"
+MakeReg = Callable[..., Registration]
+
+
+@pytest.fixture
+def publish_dir(tmp_path: Path) -> Path:
+    return tmp_path / "publish"
+
+
+@pytest.fixture
+def sim(publish_dir: Path) -> Iterator[OneSim]:
+    users = [SimUser("oneadmin", "onepass", 0, 0, "oneadmin"),
+             SimUser("kick", PASSWORD, 2, 1, "users")]
+    dss = [SimDatastore(0, "system", "SYSTEM"),
+           SimDatastore(1, "default", "IMAGE", safe_dirs=["/var/tmp", str(publish_dir)]),
+           SimDatastore(2, "files", "FILE"),
+           SimDatastore(100, "stock", "IMAGE"),  # stock SAFE_DIRS: /var/tmp only
+           SimDatastore(101, "tiny", "IMAGE", free_mb=0, safe_dirs=[str(publish_dir)]),
+           SimDatastore(102, "off", "IMAGE", enabled=False)]
+    with OneSim(users=users, datastores=dss, copy_delay=0.05, delete_delay=0.05) as s:
+        yield s
+
+
+@pytest.fixture
+def make_config(sim: OneSim, publish_dir: Path) -> Callable[..., OpenNebulaConfig]:
+    def make(**kw: object) -> OpenNebulaConfig:
+        args: dict[str, object] = {
+            "endpoint": sim.endpoint, "credentials": Secret(SESSION), "datastore": "default",
+            "publish_dir": publish_dir, "poll_interval": 0.02, "ready_timeout": 5.0,
+            "request_timeout": 5.0}
+        args.update(kw)
+        return OpenNebulaConfig(**args)  # type: ignore[arg-type]
+    return make
+
+
+@pytest.fixture
+def registry(make_config: Callable[..., OpenNebulaConfig]) -> OpenNebulaRegistry:
+    return OpenNebulaRegistry(make_config())
+
+
+@pytest.fixture
+def make_reg(tmp_path: Path) -> MakeReg:
+    counter = iter(range(1000))
+
+    def make(name: str = "debian12-node", content: bytes | None = None, public: bool = True,
+             extra: tuple[tuple[str, str], ...] = (), description: str = "Debian 12 node. "
+             "Source: images/debian12-node, GitRev: repo@abc123") -> Registration:
+        data = content if content is not None else \
+            b"QFI\xfb" + f"image {next(counter)}".encode() + os.urandom(4096)
+        path = tmp_path / f"src-{hashlib.sha256(data).hexdigest()[:8]}.qcow2"
+        path.write_bytes(data)
+        sha = hashlib.sha256(data).hexdigest()
+        attrs = (("NAME", name), ("TYPE", "OS"), ("PUBLIC", "YES" if public else "NO"),
+                 ("DESCRIPTION", description), ("ROLE", "node"), *extra,
+                 ("SHA256", sha), ("SIZE", str(len(data))), ("FORMAT", "qcow2"),
+                 ("BUILT_AT", "2025-01-01T00:00:00Z"), ("BUILD_ID", "b-1"),
+                 ("SPECS", "test_noswap.py,test_udev.py"), ("KICKGATE_VERSION", "0.1.0"),
+                 ("SOURCE", "images/debian12-node"), ("GITREV", "repo@abc123"))
+        return Registration(name=name, image_path=path, sha256=sha, size=len(data),
+                            format="qcow2", public=public, attributes=attrs)
+    return make
+
+
+def images_named(sim: OneSim, name: str) -> list[int]:
+    return [i.id for i in sim.find_images(name) if i.state != DELETE]
+
+
+def allocations(sim: OneSim) -> int:
+    return sum(1 for m, _ in sim.calls if m == "one.image.allocate")
+
+
+# --- success and idempotency ------------------------------------------------------------------
+def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                          publish_dir: Path) -> None:
+    reg = make_reg()
+    out = registry.register(reg)
+    assert (out.registry, out.name, out.sha256, out.reused) == ("opennebula", reg.name,
+                                                               reg.sha256, False)
+    img = sim.image(int(out.version))
+    assert img is not None and img.state == READY and img.name == reg.name
+    assert out.location == f"{sim.endpoint}#image/{img.id}"
+    t = dict(img.template)  # type: ignore[arg-type]
+    assert t["SHA256"] == reg.sha256
+    assert t["DESCRIPTION"] == reg.attr("DESCRIPTION")
+    assert t["DEV_PREFIX"] == "vd"
+    assert t["ROLE"] == "node" and t["GITREV"] == "repo@abc123" and t["BUILD_ID"] == "b-1"
+    assert t["KICKGATE_VERSION"] == "0.1.0" and t["SPECS"] == "test_noswap.py,test_udev.py"
+    # oned would eat SOURCE/SIZE (and refuse SOURCE next to PATH): kept under KICKGATE_*
+    assert t["KICKGATE_SOURCE"] == "images/debian12-node"
+    assert t["KICKGATE_SIZE"] == str(reg.size)
+    assert "PUBLIC" not in t
+    assert img.type == 0 and img.format == "qcow2"
+    assert img.perms[3] == 1 and img.perms[6] == 1  # PUBLIC: group and other USE
+    published = publish_dir / f"{reg.name}-{reg.sha256[:12]}.qcow2"
+    assert published.read_bytes() == reg.image_path.read_bytes()
+    assert img.path == str(published)
+    assert Path(img.source).read_bytes() == reg.image_path.read_bytes()
+    assert not [p for p in publish_dir.iterdir() if p.name.endswith(".part")]
+    assert out.attributes["STATE"] == "READY" and out.attributes["SHA256"] == reg.sha256
+
+
+def test_private_image_keeps_default_permissions(sim: OneSim, registry: OpenNebulaRegistry,
+                                                 make_reg: MakeReg) -> None:
+    out = registry.register(make_reg(public=False))
+    img = sim.image(int(out.version))
+    assert img is not None and img.perms == [1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert not any(m == "one.image.chmod" for m, _ in sim.calls)
+
+
+def test_rerun_reuses_the_image(sim: OneSim, registry: OpenNebulaRegistry,
+                                make_reg: MakeReg) -> None:
+    reg = make_reg()
+    first = registry.register(reg)
+    second = registry.register(reg)
+    assert second.reused and second.version == first.version
+    assert allocations(sim) == 1
+    assert images_named(sim, reg.name) == [int(first.version)]
+
+
+def test_awkward_values_survive_oned_template_syntax(sim: OneSim, registry: OpenNebulaRegistry,
+                                                     make_reg: MakeReg) -> None:
+    desc = 'says "hi" in C:\\temp\\ and \\"quoted\\"; Source: x, GitRev: y'
+    out = registry.register(make_reg(description=desc, extra=(("NOTE", "ends with \\"),)))
+    img = sim.image(int(out.version))
+    assert img is not None
+    assert img.tget("DESCRIPTION") == desc
+    assert img.tget("NOTE") == "ends with \\"
+
+
+def test_render_template_escapes_like_oned() -> None:
+    items = [("NAME", "n"), ("D", 'a "b" c\\d')]
+    text = render_template(items)
+    assert text == 'NAME = "n"\nD = "a \\"b\\" c\\d"\n'
+    assert parse_template(text) == items
+    # oned's syntax cannot end a value in a backslash: the XML form carries it
+    tricky = [("NAME", "n"), ("D", "x\\"), ("E", "a]]>b <&>")]
+    assert render_template(tricky).startswith("<TEMPLATE>")
+    assert parse_template(render_template(tricky)) == tricky
+
+
+# --- name collisions ----------------------------------------------------------------------------
+def test_name_policy_version(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="builder.registry.opennebula")
+    first = registry.register(make_reg())
+    second_reg = make_reg()
+    second = registry.register(second_reg)
+    assert second.name == "debian12-node-v2" and not second.reused
+    assert "registering the new one as debian12-node-v2" in caplog.text
+    third = registry.register(make_reg())
+    assert third.name == "debian12-node-v3"
+    again = registry.register(second_reg)  # same bytes as v2: reused, not v4
+    assert again.reused and again.version == second.version
+    assert images_named(sim, "debian12-node") == [int(first.version)]
+    assert allocations(sim) == 3
+
+
+def test_name_policy_fail(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                          make_reg: MakeReg, publish_dir: Path) -> None:
+    registry = OpenNebulaRegistry(make_config(name_policy="fail"))
+    registry.register(make_reg())
+    published_before = sorted(publish_dir.iterdir())
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    msg = str(e.value)
+    assert "debian12-node already exists in OpenNebula as image 0" in msg
+    assert "'version'" in msg and "'replace'" in msg and "oneimage delete 0" in msg
+    assert "\n" not in msg
+    assert allocations(sim) == 1
+    assert sorted(publish_dir.iterdir()) == published_before
+
+
+def test_name_policy_replace(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                             make_reg: MakeReg) -> None:
+    registry = OpenNebulaRegistry(make_config(name_policy="replace"))
+    old = registry.register(make_reg())
+    new_reg = make_reg()
+    new = registry.register(new_reg)
+    assert new.name == "debian12-node" and new.version != old.version and not new.reused
+    assert new.sha256 == new_reg.sha256
+    assert sim.wait_for(lambda: sim.image(int(old.version)) is None)
+    live = [i for i in sim.find_images() if i.state != DELETE]
+    assert [(i.id, i.name) for i in live] == [(int(new.version), "debian12-node")]
+    assert registry.register(new_reg).reused
+
+
+def test_name_policy_replace_keeps_an_old_image_in_use(
+        sim: OneSim, make_config: Callable[..., OpenNebulaConfig], make_reg: MakeReg,
+        caplog: pytest.LogCaptureFixture) -> None:
+    registry = OpenNebulaRegistry(make_config(name_policy="replace"))
+    old = registry.register(make_reg())
+    sim.images[int(old.version)].running_vms = 2  # a VM uses it: oned refuses the delete
+    new = registry.register(make_reg())
+    assert new.name == "debian12-node"
+    parked = sim.image(int(old.version))
+    assert parked is not None and parked.name == f"debian12-node-replaced-{old.version}"
+    assert "could not be deleted" in caplog.text
+
+
+# --- failures after allocate ----------------------------------------------------------------------
+def test_copy_error_safe_dirs(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                              make_reg: MakeReg, publish_dir: Path) -> None:
+    registry = OpenNebulaRegistry(make_config(datastore="stock"))
+    reg = make_reg()
+    with pytest.raises(RegistryError) as e:
+        registry.register(reg)
+    msg = str(e.value)
+    assert "could not copy image debian12-node" in msg and "stock (ID 100)" in msg
+    assert "RESTRICTED_DIRS" in msg and "SAFE_DIRS" in msg and str(publish_dir) in msg
+    assert allocations(sim) == 1
+    assert sim.wait_for(lambda: not sim.find_images())  # the ERROR image was deleted
+    assert list(publish_dir.iterdir()) == []  # and the published copy removed
+
+
+def test_timeout_deletes_the_image(make_reg: MakeReg, publish_dir: Path) -> None:
+    ds = SimDatastore(1, "default", safe_dirs=[str(publish_dir)])
+    with OneSim(datastores=[ds], stuck=True, delete_delay=0.01) as sim:
+        config = OpenNebulaConfig(endpoint=sim.endpoint, credentials=Secret(SESSION),
+                                  publish_dir=publish_dir, ready_timeout=0.3,
+                                  poll_interval=0.05)
+        with pytest.raises(RegistryError, match=r"still LOCKED after 0.3s.*deleted it"):
+            OpenNebulaRegistry(config).register(make_reg())
+        assert sim.wait_for(lambda: not sim.find_images())
+        assert list(publish_dir.iterdir()) == []
+
+
+def test_failure_after_allocate_deletes_it(sim: OneSim, registry: OpenNebulaRegistry,
+                                           make_reg: MakeReg, publish_dir: Path) -> None:
+    sim.inject_failure("one.image.chmod", ACTION, "chmod went wrong")
+    with pytest.raises(RegistryError, match=r"refused one.image.chmod: .*chmod went wrong"):
+        registry.register(make_reg())
+    assert sim.wait_for(lambda: not sim.find_images())
+    assert list(publish_dir.iterdir()) == []
+
+
+def test_keyboard_interrupt_cleans_up(sim: OneSim, registry: OpenNebulaRegistry,
+                                      make_reg: MakeReg, publish_dir: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*_: object) -> object:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OpenNebulaRegistry, "_wait_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        registry.register(make_reg())
+    assert allocations(sim) == 1
+    assert sim.wait_for(lambda: not sim.find_images())
+    assert list(publish_dir.iterdir()) == []
+
+
+def test_leftover_error_image_with_same_bytes_is_replaced(
+        sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg) -> None:
+    reg = make_reg()
+    one = pyone.OneServer(sim.endpoint, session=SESSION)
+    left = one.image.allocate(f'NAME="{reg.name}"\nPATH="{reg.image_path}"\n'
+                              f'SHA256="{reg.sha256}"\nKICKGATE_VERSION="0.1.0"', 100)
+    assert sim.wait_for(lambda: (img := sim.image(left)) is not None and img.state == ERROR)
+    out = registry.register(reg)
+    assert out.name == reg.name and int(out.version) != left and not out.reused
+    assert sim.image(left) is None
+
+
+def test_changed_source_is_refused(sim: OneSim, registry: OpenNebulaRegistry,
+                                   make_reg: MakeReg, publish_dir: Path) -> None:
+    reg = make_reg()
+    reg.image_path.write_bytes(b"tampered")
+    with pytest.raises(RegistryError, match="changed since it was verified"):
+        registry.register(reg)
+    assert allocations(sim) == 0
+    assert list(publish_dir.iterdir()) == []
+
+
+# --- datastores ------------------------------------------------------------------------------
+@pytest.mark.parametrize("datastore", ["nosuch", 999, "999"])
+def test_unknown_datastore(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                           make_reg: MakeReg, datastore: object) -> None:
+    with pytest.raises(RegistryError) as e:
+        OpenNebulaRegistry(make_config(datastore=datastore)).register(make_reg())
+    msg = str(e.value)
+    assert f"no datastore {datastore!r}" in msg
+    assert "image datastores: default (ID 1), stock (ID 100), tiny (ID 101), off (ID 102)" in msg
+    assert allocations(sim) == 0
+
+
+@pytest.mark.parametrize(("datastore", "expected"), [
+    ("system", "system (ID 0) is a SYSTEM datastore"),
+    (2, "files (ID 2) is a FILES datastore"),
+    ("off", "off (ID 102) is disabled"),
+])
+def test_unusable_datastores(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                             make_reg: MakeReg, datastore: object, expected: str) -> None:
+    with pytest.raises(RegistryError, match=re.escape(expected)):
+        OpenNebulaRegistry(make_config(datastore=datastore)).register(make_reg())
+    assert allocations(sim) == 0
+
+
+def test_datastore_full(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                        make_reg: MakeReg, publish_dir: Path) -> None:
+    with pytest.raises(RegistryError, match=r"tiny \(ID 101\) has not enough free space"):
+        OpenNebulaRegistry(make_config(datastore="tiny")).register(make_reg())
+    assert not sim.find_images()
+    assert list(publish_dir.iterdir()) == []
+
+
+def test_authorization_error_on_allocate(sim: OneSim, registry: OpenNebulaRegistry,
+                                         make_reg: MakeReg, publish_dir: Path) -> None:
+    sim.inject_failure("one.image.allocate", AUTHORIZATION,
+                       "User [2] : Not authorized to perform USE DATASTORE [1].")
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    assert str(e.value) == (
+        "OpenNebula refused to register debian12-node in datastore default (ID 1): "
+        "[one.image.allocate] User [2] : Not authorized to perform USE DATASTORE [1].")
+    assert not sim.find_images() and list(publish_dir.iterdir()) == []
+
+
+def test_datastore_by_id(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                         make_reg: MakeReg) -> None:
+    out = OpenNebulaRegistry(make_config(datastore="1")).register(make_reg())
+    img = sim.image(int(out.version))
+    assert img is not None and img.ds_id == 1
+
+
+# --- connection and credentials ------------------------------------------------------------------
+def test_bad_credentials(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                         make_reg: MakeReg) -> None:
+    registry = OpenNebulaRegistry(make_config(credentials=Secret("kick:not-the-password")))
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    assert str(e.value) == (f"OpenNebula at {sim.endpoint} rejected the credentials of user "
+                            "kick (check ONE_AUTH / --one-auth)")
+    assert "not-the-password" not in str(e.value)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_unreachable_endpoint(make_config: Callable[..., OpenNebulaConfig],
+                              make_reg: MakeReg) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}/RPC2"
+    registry = OpenNebulaRegistry(make_config(endpoint=endpoint))
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    assert str(e.value) == (f"cannot reach OpenNebula at {endpoint}: connection refused "
+                            "(is oned running and listening there?)")
+    with pytest.raises(RegistryError, match="cannot reach OpenNebula"):
+        registry.list()
+
+
+def test_silent_endpoint_times_out(make_config: Callable[..., OpenNebulaConfig],
+                                   make_reg: MakeReg) -> None:
+    with socket.socket() as listener:  # accepts connections (backlog), never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}/RPC2"
+        registry = OpenNebulaRegistry(make_config(endpoint=endpoint, request_timeout=0.3))
+        with pytest.raises(RegistryError) as e:
+            registry.list()
+    assert str(e.value) == f"cannot reach OpenNebula at {endpoint}: no answer within 0.3s"
+    assert socket.getdefaulttimeout() is None  # no process-wide side effect
+
+
+def test_wrong_path_on_a_live_server(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                                     make_reg: MakeReg) -> None:
+    endpoint = sim.endpoint.replace("/RPC2", "/nope")
+    with pytest.raises(RegistryError) as e:
+        OpenNebulaRegistry(make_config(endpoint=endpoint)).register(make_reg())
+    assert str(e.value).startswith(f"cannot reach OpenNebula at {endpoint}: HTTP 404 Not Found "
+                                   "(is this oned's XML-RPC endpoint")
+
+
+def test_credentials_never_leak(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
+                                make_reg: MakeReg, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = make_config()
+    texts = [repr(config), str(config), repr(config.credentials), f"{config.credentials}",
+             repr(OpenNebulaRegistry(config))]
+    OpenNebulaRegistry(config).register(make_reg())
+    OpenNebulaRegistry(config).list()
+    with pytest.raises(RegistryError, match="must not carry user:password@") as e:
+        make_config(endpoint=f"http://kick:{PASSWORD}@127.0.0.1:{free_port()}/RPC2")
+    texts.append(str(e.value))
+    failing = [
+        make_config(credentials=Secret(f"kick:{PASSWORD}-wrong")),
+        make_config(endpoint=f"http://127.0.0.1:{free_port()}/RPC2"),
+        make_config(datastore="stock"),
+        make_config(datastore="nosuch"),
+    ]
+    for cfg in failing:
+        with pytest.raises(RegistryError) as e:
+            OpenNebulaRegistry(cfg).register(make_reg())
+        texts += [str(e.value), repr(e.value), repr(cfg)]
+    texts.append(caplog.text)
+    for text in texts:
+        assert PASSWORD not in text
+
+
+def test_list_shows_only_kickgate_images(sim: OneSim, registry: OpenNebulaRegistry,
+                                         make_reg: MakeReg) -> None:
+    out = registry.register(make_reg())
+    one = pyone.OneServer(sim.endpoint, session=SESSION)
+    one.image.allocate(f'NAME="handmade"\nPATH="{make_reg().image_path}"', 1)
+    listed = registry.list()
+    assert [(r.name, r.version, r.sha256) for r in listed] == [(out.name, out.version,
+                                                                out.sha256)]
+    entry = listed[0]
+    assert entry.registry == "opennebula"
+    assert entry.location == f"{sim.endpoint}#image/{out.version}"
+    assert entry.attributes["STATE"] == "READY" and entry.attributes["KICKGATE_VERSION"] == "0.1.0"
+
+
+# --- configuration --------------------------------------------------------------------------------
+def test_from_env_reads_one_auth(tmp_path: Path) -> None:
+    auth = tmp_path / "auth"
+    auth.write_text(f"kick:{PASSWORD}\n")
+    auth.chmod(0o600)
+    env = {"ONE_AUTH": str(auth), "ONE_XMLRPC": "http://one.example:2633/RPC2"}
+    cfg = OpenNebulaConfig.from_env(environ=env)
+    assert cfg.endpoint == "http://one.example:2633/RPC2"
+    assert cfg.credentials.reveal() == f"kick:{PASSWORD}" and cfg.user == "kick"
+    assert (cfg.datastore, cfg.name_policy, cfg.ready_timeout) == ("default", "version", 600.0)
+    assert cfg.publish_dir == Path("/var/tmp/kickgate")
+    assert PASSWORD not in repr(cfg)
+    # arguments win over the environment
+    cfg = OpenNebulaConfig.from_env(endpoint="http://x:1/RPC2", auth="other:pw2", environ=env,
+                                    datastore=7, publish_dir=tmp_path, name_policy="replace")
+    assert (cfg.endpoint, cfg.user, cfg.datastore, cfg.name_policy) == (
+        "http://x:1/RPC2", "other", 7, "replace")
+    # an auth argument naming a file is read as one
+    assert OpenNebulaConfig.from_env(auth=str(auth), environ={}).user == "kick"
+
+
+def test_from_env_defaults_to_home_one_auth(tmp_path: Path) -> None:
+    (tmp_path / ".one").mkdir()
+    (tmp_path / ".one" / "one_auth").write_text("oneadmin:pw\n")
+    cfg = OpenNebulaConfig.from_env(environ={"HOME": str(tmp_path)})
+    assert cfg.endpoint == "http://localhost:2633/RPC2" and cfg.user == "oneadmin"
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "does not exist"),
+    ("", "is malformed"),
+    (f"no-colon-{PASSWORD}\n", "is malformed"),
+    (f":{PASSWORD}\n", "is malformed"),
+    ("kick:\n", "is malformed"),
+    (f"kick:{PASSWORD}\nsecond:line\n", "is malformed"),
+])
+def test_bad_one_auth_files(tmp_path: Path, content: str | None, expected: str) -> None:
+    auth = tmp_path / "one_auth"
+    if content is not None:
+        auth.write_text(content)
+    with pytest.raises(RegistryError) as e:
+        OpenNebulaConfig.from_env(environ={"ONE_AUTH": str(auth)})
+    assert str(auth) in str(e.value) and expected in str(e.value)
+    assert PASSWORD not in str(e.value)
+
+
+def test_unreadable_one_auth(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        auth = tmp_path  # a directory: unreadable as a file even for root
+        with pytest.raises(RegistryError, match="is a directory"):
+            read_auth_file(auth)
+        return
+    auth = tmp_path / "one_auth"
+    auth.write_text("kick:pw")
+    auth.chmod(0)
+    with pytest.raises(RegistryError, match="permission denied"):
+        read_auth_file(auth)
+
+
+def test_world_readable_auth_file_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    auth = tmp_path / "one_auth"
+    auth.write_text(f"kick:{PASSWORD}")
+    auth.chmod(0o644)
+    read_auth_file(auth)
+    assert "chmod 600" in caplog.text and PASSWORD not in caplog.text
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    with pytest.raises(RegistryError, match="unknown OpenNebula name policy"):
+        OpenNebulaConfig.from_env(auth="a:b", name_policy="rename", environ={})
+    with pytest.raises(RegistryError, match="user:password"):
+        OpenNebulaConfig(endpoint="http://x/RPC2", credentials=Secret("nopassword"))
+    with pytest.raises(RegistryError, match="not an http"):
+        OpenNebulaConfig(endpoint="localhost:2633", credentials=Secret("a:b"))
+    with pytest.raises(RegistryError, match="malformed"):
+        OpenNebulaConfig.from_env(auth=f"{tmp_path}/missing", environ={})
+
+
+def test_invalid_attribute_key_is_refused_before_publishing(
+        sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg, publish_dir: Path) -> None:
+    with pytest.raises(RegistryError, match="'BAD KEY' of debian12-node is not a valid"):
+        registry.register(make_reg(extra=(("BAD KEY", "x"),)))
+    assert allocations(sim) == 0 and not publish_dir.exists()
