@@ -177,16 +177,27 @@ def method_code_hash(method: str) -> str:
     """The build method's own code and data: a change to how images are made invalidates the cache."""
     here = Path(__file__).parent
     h = hashlib.sha256()
-    for path in sorted([here / "build.py", here / "disk.py", here / "domain.py",
+    own = {"bootstrap": ["disk.py"], "kickstart": ["render.py", "initrd.py", "installsource.py"]}[method]
+    for path in sorted([here / "build.py", here / "domain.py", *(here / name for name in own),
                         *(here / "methods").glob(f"{method}*.py"), *(here / "data").glob(f"{method}*")]):
         if path.is_file():
             h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
-def cache_key(recipe: Recipe, tools: Mapping[str, str]) -> str:
+def _secret_inputs() -> bytes:
+    """Secrets shape the image (a root password hash) but must not be stored: hash them in."""
+    items = sorted((k, v) for k, v in os.environ.items()
+                   if k == "KICKGATE_ROOTPW_HASH" or k.startswith("KICKGATE_SECRET_"))
+    return hashlib.sha256(json.dumps(items).encode()).digest()
+
+
+def cache_key(recipe: Recipe, tools: Mapping[str, str], location: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(recipe_hash(recipe).encode())
+    h.update(f"location={location or ''}".encode())
+    if recipe.method == "kickstart":
+        h.update(_secret_inputs())
     h.update(method_code_hash(recipe.method).encode())
     h.update(json.dumps(dict(tools), sort_keys=True).encode())
     return h.hexdigest()
@@ -236,7 +247,7 @@ def build_image(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions,
     """Return the cached artifact for recipe, building it first if needed. xdist- and process-safe."""
     started = time.monotonic()
     tools = tool_versions(recipe.method)
-    key = cache_key(recipe, tools)
+    key = cache_key(recipe, tools, options.location)
     images_dir = options.cache_dir / "images" / recipe.name
     final = images_dir / key[:16]
     images_dir.mkdir(parents=True, exist_ok=True)

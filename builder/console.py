@@ -85,6 +85,9 @@ def watch(dom: Any, is_active: Callable[[Any], bool], serial: Path, *, timeout: 
     last_counter = activity() if activity else 0
     try:
         while True:
+            # Read the domain state before the log: lines printed just before power-off are then
+            # still judged by this loop, not lost after it.
+            active = is_active(dom)
             lines = w.poll()
             now = time.monotonic()
             if lines:
@@ -108,8 +111,7 @@ def watch(dom: Any, is_active: Callable[[Any], bool], serial: Path, *, timeout: 
                 counter = activity()
                 if counter != last_counter:
                     last_counter, last_activity = counter, now
-            if not is_active(dom):
-                w.poll()
+            if not active:
                 return Outcome.POWERED_OFF, w
             if now - start > timeout:
                 return Outcome.TIMEOUT, w

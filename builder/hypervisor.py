@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -160,6 +161,30 @@ class Hypervisor:
                 dom.destroy()
                 log.debug("domain %s destroyed", name)
 
+    def forget(self, name: str, workdir: Path | None = None) -> Path | None:
+        """Leave a running domain alone at close (a kept instance); record how to remove it later.
+
+        Returns the record written under cache_dir/kept/, which `kickgate cleanup` reads.
+        """
+        with self._lock:
+            dom = self._domains.pop(name, None)
+        if dom is None or self.cache_dir is None:
+            return None
+        pid = 0
+        if self._embed_root is not None:
+            pidfile = self._embed_root / "run" / "qemu" / f"{name}.pid"
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pidfile.read_text().strip())
+        record = {"name": name, "pid": pid, "uri": self.uri if not self.embedded else "embedded",
+                  "workdir": str(workdir) if workdir else ""}
+        kept = self.cache_dir / "kept"
+        kept.mkdir(parents=True, exist_ok=True)
+        path = kept / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+        return path
+
     def is_active(self, dom: Any) -> bool:
         try:
             return bool(dom.isActive())
@@ -257,3 +282,25 @@ def detect_domain_type(accel: Accel, probe_kernel: Path | None, cache_dir: Path 
         tmp.write_text(result)
         os.replace(tmp, marker)
     return result
+
+
+def cleanup_kept(cache_dir: Path) -> list[str]:
+    """Stop instances kept by earlier runs and remove their files; returns what was removed."""
+    done = []
+    for record in sorted((cache_dir / "kept").glob("*.json")):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            record.unlink(missing_ok=True)
+            continue
+        name, pid = str(data.get("name", "")), int(data.get("pid", 0))
+        if pid:
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if f"guest={name},".encode() in cmdline:  # never kill a recycled pid
+                    os.kill(pid, 15)
+        if data.get("workdir"):
+            shutil.rmtree(str(data["workdir"]), ignore_errors=True)
+        record.unlink(missing_ok=True)
+        done.append(name)
+    return done

@@ -7,12 +7,18 @@ scripts, seal, marker, power off). The raw disk is handed back to build.py for c
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import shlex
 import shutil
+import tempfile
 import uuid
 from importlib import resources
 from pathlib import Path
+
+from filelock import FileLock
 
 from builder import disk
 from builder.build import BuildContext, MethodResult
@@ -49,7 +55,7 @@ def build(ctx: BuildContext) -> MethodResult:
     root_uuid = str(uuid.uuid4())
 
     with ctx.stages("mmdebstrap"):
-        mmdebstrap(recipe, tree, timeout=recipe.vm.build_timeout_s)
+        cached_tree(ctx, tree)
     with ctx.stages("configure"):
         packages = installed_packages(tree)
         kernel, initrd = configure_tree(recipe, tree, root_uuid)
@@ -70,7 +76,37 @@ def build(ctx: BuildContext) -> MethodResult:
                         packages=packages, extra={"suite": recipe.bootstrap.suite, "root_uuid": root_uuid})
 
 
-def mmdebstrap(recipe: Recipe, tree: Path, timeout: float) -> None:
+def cached_tree(ctx: BuildContext, tree: Path) -> None:
+    """Give the build a private hard-linked copy of the mmdebstrap tree, made once per invocation.
+
+    The tree depends only on the [bootstrap] table; recipes that change only their scripts reuse
+    it. configure_tree() unlinks before writing, so the shared inodes are never modified.
+    """
+    argv = mmdebstrap_argv(ctx.recipe, Path("TREE"))
+    version = run(["mmdebstrap", "--version"], timeout=30).stdout.strip()
+    key = hashlib.sha256(json.dumps([argv, version]).encode()).hexdigest()[:16]
+    trees = ctx.options.cache_dir / "trees"
+    trees.mkdir(parents=True, exist_ok=True)
+    final = trees / key
+    with FileLock(str(trees / f".{key}.lock")):
+        if ctx.options.no_cache and final.exists():
+            shutil.rmtree(final)
+        if not (final / ".complete").exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=trees))
+            try:
+                shutil.rmtree(final, ignore_errors=True)
+                run(mmdebstrap_argv(ctx.recipe, staging / "tree"), timeout=ctx.recipe.vm.build_timeout_s)
+                (staging / "tree" / ".complete").touch()
+                os.replace(staging / "tree", final)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        else:
+            log.info("%s: reusing the mmdebstrap tree %s", ctx.recipe.name, final)
+        run(["cp", "-al", str(final), str(tree)], timeout=600)
+    (tree / ".complete").unlink()
+
+
+def mmdebstrap_argv(recipe: Recipe, tree: Path) -> list[str]:
     spec = recipe.bootstrap
     assert spec is not None
     argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
@@ -89,7 +125,7 @@ def mmdebstrap(recipe: Recipe, tree: Path, timeout: float) -> None:
                     f" && printf '{conf}' > \"$1/etc/initramfs-tools/conf.d/kickgate.conf\""
                     f" && printf '{mods}' > \"$1/etc/initramfs-tools/modules\"")
     argv += [spec.suite, str(tree), spec.mirror]
-    run(argv, timeout=timeout)
+    return argv
 
 
 def installed_packages(tree: Path) -> tuple[tuple[str, str], ...]:
@@ -101,6 +137,7 @@ def installed_packages(tree: Path) -> tuple[tuple[str, str], ...]:
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)  # the tree is hard-linked to the cached one: never write through
     path.write_text(text)
     path.chmod(mode)
 
