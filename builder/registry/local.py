@@ -1,0 +1,358 @@
+"""The local registry (the default): a directory of verified images, one numbered version per distinct sha256.
+
+Layout::
+
+    <root>/<NAME>/.lock            exclusive lock of writers of NAME (filelock)
+    <root>/<NAME>/1/<NAME>.qcow2   the exact bytes that passed the gate
+    <root>/<NAME>/1/record.json    name, version, sha256, size, format, public, registered_at,
+                                   image, attributes (the full template as ordered [key, value] pairs)
+    <root>/<NAME>/2/...
+    <root>/<NAME>/latest -> 2      relative symlink to the newest version
+
+Writers build a version in ``<root>/<NAME>/.tmp-*`` and ``os.rename`` it into place, so a version
+dir either does not exist or is complete; readers take no lock and skip dot-entries. Version
+numbers are allocated under the lock, so concurrent runs (even for the same NAME) never collide.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from builder.errors import RegistryError
+from builder.provenance import sha256_file
+from builder.registry.base import Registered, Registration
+
+log = logging.getLogger(__name__)
+
+RECORD = "record.json"
+LATEST = "latest"
+LOCK = ".lock"
+TMP_PREFIX = ".tmp-"
+DEFAULT_LOCK_TIMEOUT = 1800.0  # copying a multi-GiB image can take a while; a dead holder frees the lock at once
+
+# Names and formats become path components: no separators, no leading dot (dot-entries are ours).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_FORMAT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_RECORD_KEYS = ("name", "version", "sha256", "size", "format", "public", "registered_at", "image", "attributes")
+
+
+def default_registry_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where the local registry lives unless --registry-dir says otherwise.
+
+    ``$KICKGATE_REGISTRY_DIR``, else ``$XDG_DATA_HOME/kickgate/registry``, else
+    ``~/.local/share/kickgate/registry``.
+    """
+    env = os.environ if environ is None else environ
+    home = Path(env.get("HOME") or Path.home())
+    explicit = env.get("KICKGATE_REGISTRY_DIR", "").strip()
+    if explicit:
+        # "~" expanded against env, not os.environ, so that a given environ is honoured throughout
+        if explicit == "~" or explicit.startswith("~/"):
+            return home / explicit[2:]
+        return Path(explicit)
+    xdg = env.get("XDG_DATA_HOME", "").strip()
+    if xdg and Path(xdg).is_absolute():  # the XDG spec says to ignore relative values
+        return Path(xdg) / "kickgate" / "registry"
+    return home / ".local" / "share" / "kickgate" / "registry"
+
+
+class LocalRegistry:
+    """Registers verified images into a directory; safe for concurrent runs on one host."""
+
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike[str], *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
+        # absolute, so that locations handed out stay valid whatever the caller's cwd becomes
+        self.root = Path(root).expanduser().absolute()
+        self.lock_timeout = lock_timeout
+
+    def __repr__(self) -> str:
+        return f"LocalRegistry({str(self.root)!r})"
+
+    # -- register -------------------------------------------------------------------------------
+    def register(self, reg: Registration) -> Registered:
+        name_dir = self._name_dir(reg.name)
+        if not _FORMAT_RE.match(reg.format):
+            raise RegistryError(f"invalid image format {reg.format!r} for {reg.name}")
+        sha = reg.sha256.lower()
+        if not _SHA256_RE.match(sha):
+            raise RegistryError(f"invalid sha256 {reg.sha256!r} for {reg.name}")
+        if not reg.image_path.is_file():
+            raise RegistryError(f"cannot register {reg.name}: image file {reg.image_path} does not exist")
+        try:
+            name_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RegistryError(f"cannot create registry dir {name_dir}: {e.strerror or e}") from None
+        lock = FileLock(str(name_dir / LOCK))
+        try:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info("another run is registering %s in %s: waiting for it (up to %.0fs)", reg.name,
+                         self.root, self.lock_timeout)
+                lock.acquire(timeout=self.lock_timeout)
+        except Timeout:
+            raise RegistryError(f"another run has held the lock {name_dir / LOCK} for {self.lock_timeout:.0f}s "
+                                f"while registering {reg.name}; is a kickgate run stuck?") from None
+        except OSError as e:
+            raise RegistryError(f"cannot lock {name_dir / LOCK}: {e.strerror or e}") from None
+        try:
+            return self._register_locked(reg, sha, name_dir)
+        finally:
+            lock.release()
+
+    def _register_locked(self, reg: Registration, sha: str, name_dir: Path) -> Registered:
+        self._remove_leftovers(name_dir)
+        versions = _versions(name_dir)
+        for v in versions:
+            try:
+                rec = _read_record(name_dir / str(v) / RECORD, reg.name, v)
+            except RegistryError as e:
+                log.warning("ignoring %s", e)
+                continue
+            if rec["sha256"].lower() == sha and (name_dir / str(v) / rec["image"]).is_file():
+                log.info("%s is already registered with sha256 %s as local version %d in %s: nothing to do",
+                         reg.name, sha[:12], v, self.root)
+                self._point_latest(name_dir, max(versions))  # repair it if an earlier run died before
+                return self._registered(name_dir / str(v), rec, reused=True)
+
+        version = max(versions, default=0) + 1
+        image_name = f"{reg.name}.{reg.format}"
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=name_dir))
+        except OSError as e:
+            raise RegistryError(f"cannot create a temporary dir in {name_dir}: {e.strerror or e}") from None
+        final = name_dir / str(version)
+        try:
+            stored = tmp / image_name
+            try:
+                shutil.copyfile(reg.image_path, stored)
+                _fsync_file(stored)
+            except OSError as e:
+                raise RegistryError(f"cannot copy {reg.image_path} into {name_dir}: {e.strerror or e}") from None
+            copied = sha256_file(stored)
+            if copied != sha:
+                raise RegistryError(f"the bytes of {reg.image_path} changed since they were tested: sha256 is now "
+                                    f"{copied}, the tested image had {sha}; nothing was registered (run the gate "
+                                    "again)")
+            record: dict[str, Any] = {
+                "name": reg.name,
+                "version": version,
+                "sha256": sha,
+                "size": stored.stat().st_size,
+                "format": reg.format,
+                "public": reg.public,
+                "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "image": image_name,
+                "attributes": [[k, v] for k, v in reg.attributes],
+            }
+            _write_json_atomic(tmp / RECORD, record)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users (and oned) may read images
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(name_dir)
+        except OSError as e:
+            raise RegistryError(f"cannot register {reg.name} in {name_dir}: {e.strerror or e}") from None
+        finally:
+            # also on KeyboardInterrupt: a temp dir is never left behind (after the rename it is gone)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._point_latest(name_dir, version)
+        log.info("registered %s as local version %d in %s (sha256 %s)", reg.name, version, self.root, sha[:12])
+        return self._registered(final, record, reused=False)
+
+    def _remove_leftovers(self, name_dir: Path) -> None:
+        """Temp entries only exist while their writer holds the lock, so under it they are a dead run's."""
+        try:
+            entries = builtins.list(name_dir.iterdir())
+        except OSError as e:
+            raise RegistryError(f"cannot read registry dir {name_dir}: {e.strerror or e}") from None
+        for entry in entries:
+            if entry.name.startswith(TMP_PREFIX):
+                log.info("removing %s left by an interrupted registration", entry)
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+
+    def _point_latest(self, name_dir: Path, version: int) -> None:
+        """Make ``latest`` a relative symlink to version, replacing the old one atomically."""
+        link = name_dir / LATEST
+        target = str(version)
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == target:
+                return
+        tmp_link = name_dir / f"{TMP_PREFIX}latest-{uuid.uuid4().hex}"
+        try:
+            os.symlink(target, tmp_link)
+            os.replace(tmp_link, link)
+            _fsync_dir(name_dir)
+        except OSError as e:
+            # the version itself is complete and registered; readers resolve "latest" without the link
+            log.warning("could not point %s at version %s: %s", link, target, e.strerror or e)
+            with contextlib.suppress(OSError):
+                tmp_link.unlink()
+
+    # -- read -----------------------------------------------------------------------------------
+    def list(self) -> builtins.list[Registered]:
+        """Every readable version of every image, sorted by name then version."""
+        out: builtins.list[Registered] = []
+        try:
+            entries = sorted(self.root.iterdir())
+        except FileNotFoundError:
+            return out
+        except OSError as e:
+            raise RegistryError(f"cannot read registry dir {self.root}: {e.strerror or e}") from None
+        for name_dir in entries:
+            if name_dir.name.startswith(".") or not name_dir.is_dir() or not _NAME_RE.match(name_dir.name):
+                continue
+            for v in _versions(name_dir):
+                try:
+                    rec = _read_record(name_dir / str(v) / RECORD, name_dir.name, v)
+                except RegistryError as e:
+                    log.warning("skipping %s", e)
+                    continue
+                out.append(self._registered(name_dir / str(v), rec, reused=False))
+        return out
+
+    def get(self, name: str, version: str = "latest") -> Registered:
+        """One version of name ("latest" = the newest). Raises RegistryError if absent or unreadable."""
+        vdir, rec = self._lookup(name, version)
+        image = vdir / rec["image"]
+        if not image.is_file():
+            raise RegistryError(f"the image file {image} of {name} version {vdir.name} is missing")
+        return self._registered(vdir, rec, reused=False)
+
+    def record(self, name: str, version: str = "latest") -> dict[str, Any]:
+        """The parsed record.json of one version of name (for ``kickgate show NAME[@VERSION]``)."""
+        return self._lookup(name, version)[1]
+
+    def versions(self, name: str) -> builtins.list[int]:
+        """Version numbers of name present on disk, ascending (records not checked)."""
+        return _versions(self._name_dir(name))
+
+    def _lookup(self, name: str, version: str) -> tuple[Path, dict[str, Any]]:
+        name_dir = self._name_dir(name)
+        versions = _versions(name_dir)
+        if not versions:
+            raise RegistryError(f"no image {name} in {self.root}")
+        wanted = version.strip()
+        if wanted == LATEST:
+            v = max(versions)  # the symlink is for humans; the dirs are the truth
+        elif wanted.isdigit() and int(wanted) in versions:
+            v = int(wanted)
+        else:
+            raise RegistryError(f"{name} has no version {version}; versions: {', '.join(map(str, versions))}")
+        return name_dir / str(v), _read_record(name_dir / str(v) / RECORD, name, v)
+
+    def _name_dir(self, name: str) -> Path:
+        if not _NAME_RE.match(name):
+            raise RegistryError(f"invalid image name {name!r} (letters, digits, '.', '_', '+', '-'; not starting "
+                                "with a dot)")
+        return self.root / name
+
+    def _registered(self, vdir: Path, rec: Mapping[str, Any], reused: bool) -> Registered:
+        return Registered(registry=self.kind, name=rec["name"], version=str(rec["version"]),
+                          location=str(vdir / rec["image"]), sha256=rec["sha256"], reused=reused,
+                          attributes={k: v for k, v in rec["attributes"]})
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def _versions(name_dir: Path) -> list[int]:
+    """Numbered version dirs, ascending; temp dirs, the lock and ``latest`` are not versions."""
+    try:
+        entries = builtins.list(name_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise RegistryError(f"cannot read registry dir {name_dir}: {e.strerror or e}") from None
+    # canonical numbers only ("1", not "01"): the number is how a version dir is found again
+    return sorted(int(e.name) for e in entries
+                  if e.name.isascii() and e.name.isdigit() and e.name == str(int(e.name))
+                  and not e.is_symlink() and e.is_dir())
+
+
+def _read_record(path: Path, name: str, version: int) -> dict[str, Any]:
+    """Parse and check one record.json; any problem is a RegistryError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RegistryError(f"{path} is missing") from None
+    except OSError as e:
+        raise RegistryError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RegistryError(f"{path} is corrupt: {e}") from None
+    problem = _record_problem(data, name, version)
+    if problem:
+        raise RegistryError(f"{path} is corrupt: {problem}")
+    assert isinstance(data, dict)
+    return data
+
+
+def _record_problem(data: object, name: str, version: int) -> str:
+    if not isinstance(data, dict):
+        return "not a JSON object"
+    missing = [k for k in _RECORD_KEYS if k not in data]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if data["name"] != name or type(data["version"]) is not int or data["version"] != version:
+        return f"it describes {data['name']!r} version {data['version']!r}, not {name} version {version}"
+    if not isinstance(data["sha256"], str) or not _SHA256_RE.match(data["sha256"].lower()):
+        return "sha256 is not a sha256"
+    image = data["image"]
+    if not isinstance(image, str) or not image or "/" in image or image.startswith("."):
+        return "image is not a file name"
+    attrs = data["attributes"]
+    if not isinstance(attrs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in attrs):
+        return "attributes is not a list of [key, value] strings"
+    return ""
+
+
+def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    # best effort: some filesystems refuse fsync on directories
+    with contextlib.suppress(OSError):
+        _fsync_file(path)
+
+
+__all__ = ["LATEST", "RECORD", "LocalRegistry", "default_registry_dir"]
