@@ -1,0 +1,31 @@
+"""No swap in the base image: OpenNebula attaches swap as its own disk, sized to the VM's memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def test_no_active_swap(host: Any) -> None:
+    active = host.file("/proc/swaps").content_string.strip().splitlines()[1:]
+    assert active == [], f"swap is active on the instance: {active}"
+
+
+def test_no_swap_in_fstab(host: Any) -> None:
+    entries = [line.split() for line in host.file("/etc/fstab").content_string.splitlines()
+               if line.strip() and not line.lstrip().startswith("#")]
+    swap = [" ".join(e) for e in entries if len(e) >= 3 and e[2] == "swap"]
+    assert swap == [], f"/etc/fstab mounts swap: {swap}"
+
+
+def test_no_swap_partitions_or_files(host: Any) -> None:
+    parts = host.run("blkid -o device -t TYPE=swap").stdout.split()
+    assert parts == [], f"swap partitions present: {parts}"
+    files = [p for p in ("/swapfile", "/swap.img", "/var/swap", "/swap") if host.file(p).exists]
+    assert files == [], f"swap files present: {files}"
+
+
+def test_no_systemd_swap_units(host: Any) -> None:
+    units = host.run("systemctl list-units --type=swap --all --no-legend --plain").stdout.strip()
+    assert units == "", f"systemd knows swap units: {units}"
+    files = host.run("systemctl list-unit-files --type=swap --no-legend --plain").stdout.strip()
+    assert files == "", f"swap unit files installed: {files}"

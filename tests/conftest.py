@@ -1,0 +1,50 @@
+"""Shared fixtures for kickgate's own tests. Slow end-to-end tests share one build cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir() -> Path:
+    """One build cache for every slow test of the run (and across runs on the same machine)."""
+    path = Path(os.environ.get("KICKGATE_TEST_CACHE", REPO / ".kickgate" / "test-cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _guests() -> set[str]:
+    out = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True, check=False).stdout
+    return {line.split(None, 1)[0] for line in out.splitlines() if "guest=kg-" in line}
+
+
+def _tmp_leftovers() -> set[str]:
+    return {p.name for p in Path("/tmp").iterdir() if p.name.startswith(("kg-virt-", "kg-inst-", "kg-probe-"))}
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Slow tests must leave no QEMU guest and no temp dir behind, whatever happened."""
+    if request.node.get_closest_marker("slow") is None:
+        yield
+        return
+    guests, tmp = _guests(), _tmp_leftovers()
+    yield
+    leaked = _guests() - guests
+    assert not leaked, f"QEMU guests left running: {leaked}"
+    left = _tmp_leftovers() - tmp
+    assert not left, f"temporary directories left in /tmp: {left}"
