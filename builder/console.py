@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import enum
 import logging
 import re
@@ -39,6 +40,9 @@ class Watch:
     failure_line: str | None = None
     _offset: int = 0
     _partial: str = ""
+    # The serial port hands over bytes, so a poll can end inside a multi-byte UTF-8 character.
+    _decoder: codecs.IncrementalDecoder = field(
+        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
     def poll(self) -> list[str]:
         """New complete lines since the last poll (ANSI and CR stripped)."""
@@ -51,7 +55,7 @@ class Watch:
         if not chunk:
             return []
         self._offset += len(chunk)
-        text = self._partial + chunk.decode("utf-8", errors="replace")
+        text = self._partial + self._decoder.decode(chunk)
         parts = text.split("\n")
         self._partial = parts.pop()
         lines = [_ANSI_RE.sub("", p) for p in parts]

@@ -125,10 +125,14 @@ class _Ctx:
     def line_of(self, section: str | None, key: str | None) -> int | None:
         in_section = section is None
         for i, raw in enumerate(self.lines, 1):
-            line = raw.strip()
+            line = raw.split("#", 1)[0].strip() if raw.lstrip().startswith("[") else raw.strip()
             if line.startswith("["):
-                in_section = section is not None and line.strip("[] ") == section
+                header = line.strip("[] ")
+                in_section = section is not None and header == section
                 if key is None and in_section:
+                    return i
+                # A key can be written as a table of its own: [key] or [section.key].
+                if key is not None and header == (f"{section}.{key}" if section else key):
                     return i
                 continue
             if in_section and key is not None and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
@@ -155,6 +159,8 @@ def parse_size_mib(value: object) -> int:
             raise ValueError("not a size")
         num = float(m.group(1))
         factor = {"": 1 / (1024 * 1024), "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+        if not m.group(2) and not m.group(3):
+            raise ValueError("a size string needs a unit")  # "2048" could mean bytes or MiB
         mib = int(num * factor[m.group(2).upper()])
     else:
         raise ValueError("not a size")
@@ -247,10 +253,12 @@ def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
     vm = _load_vm(ctx, data)
     bootstrap = _load_bootstrap(ctx, data) if method == "bootstrap" else None
     if method != "bootstrap" and "bootstrap" in data:
-        raise ctx.error(None, "bootstrap", "given, but method is not 'bootstrap'")
+        raise ctx.error(None, "bootstrap", "given, but method is not 'bootstrap'",
+                        "remove the table or set method = \"bootstrap\"")
     kickstart = _load_kickstart(ctx, data, recipe_dir) if method == "kickstart" else None
     if method != "kickstart" and "kickstart" in data:
-        raise ctx.error(None, "kickstart", "given, but method is not 'kickstart'")
+        raise ctx.error(None, "kickstart", "given, but method is not 'kickstart'",
+                        "remove the table or set method = \"kickstart\"")
     scripts = _load_scripts(ctx, data, recipe_dir, common_scripts_dir)
     variables = _load_vars(ctx, data)
     register = _load_register(ctx, data, name, description)
@@ -314,7 +322,7 @@ def _load_bootstrap(ctx: _Ctx, data: Mapping[str, Any]) -> BootstrapSpec:
                             "names are lower-case letters, digits and + . -")
     if len(set(packages)) != len(packages):
         dup = sorted({p for p in packages if packages.count(p) > 1})
-        raise ctx.error("bootstrap", "packages", f"listed twice: {', '.join(dup)}")
+        raise ctx.error("bootstrap", "packages", f"listed twice: {', '.join(dup)}", "remove the duplicate")
     modules = _str_list(ctx, "bootstrap", "initramfs_modules", t.get("initramfs_modules", []))
     for mod in modules:
         if not re.match(r"^[a-z0-9_-]+$", mod):
@@ -354,7 +362,8 @@ def _load_scripts(ctx: _Ctx, data: Mapping[str, Any], recipe_dir: Path, common_d
                                 f"create it or remove it from scripts.{ns}")
             out.append(Script(namespace=ns, name=name, path=path))
         if len(set(names)) != len(names):
-            raise ctx.error("scripts", ns, "a script is listed twice")
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ctx.error("scripts", ns, f"listed twice: {', '.join(dup)}", "remove the duplicate")
     return tuple(out)
 
 
