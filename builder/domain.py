@@ -49,6 +49,7 @@ class DomainSpec:
     on_crash: Literal["destroy", "preserve"] = "destroy"
     uuid: str | None = None
     extra_qemu_args: tuple[str, ...] = field(default=())
+    tcg_cpu: str = "maximum"
 
 
 def random_mac(prefix: str = "52:54:00") -> str:
@@ -89,8 +90,13 @@ def domain_xml(spec: DomainSpec) -> str:
     feats = _sub(dom, "features")
     _sub(feats, "acpi")
     _sub(feats, "apic")
-    # TCG: the widest emulated CPU (x86-64-v2+ for EL9); KVM: the host's own.
-    _sub(dom, "cpu", mode="host-passthrough" if spec.type == "kvm" else "maximum")
+    if spec.type == "kvm":
+        _sub(dom, "cpu", mode="host-passthrough")
+    elif spec.tcg_cpu == "maximum":
+        _sub(dom, "cpu", mode="maximum")
+    else:
+        cpu = _sub(dom, "cpu", mode="custom", match="exact")
+        _sub(cpu, "model", spec.tcg_cpu, fallback="forbid")
     _sub(dom, "clock", offset="utc")
     _sub(dom, "on_poweroff", spec.on_poweroff)
     _sub(dom, "on_reboot", spec.on_reboot)

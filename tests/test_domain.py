@@ -1,0 +1,222 @@
+"""Domain XML: golden files (reviewed by eye), libvirt's schema, and the structure each build relies on.
+
+Regenerate the golden files with KICKGATE_UPDATE_GOLDEN=1 and review the diff before committing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from builder.domain import NIC_PCI_ADDR, QEMU_NS, Disk, DomainSpec, Nic, domain_xml, random_mac
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("KICKGATE_UPDATE_GOLDEN") == "1"
+MAC = "52:54:00:12:34:56"
+Q = f"{{{QEMU_NS}}}"
+
+SPECS: dict[str, DomainSpec] = {
+    # The bootstrap finish VM: direct kernel boot, raw disk, no route out, KVM.
+    "kernel-boot-kvm": DomainSpec(
+        name="kg-build-generic-dev-abc123", type="kvm", memory_mib=1024, vcpus=1,
+        serial_log=Path("/var/cache/kickgate/tmp/generic-dev-x/out/serial.log"),
+        disks=(Disk(Path("/var/cache/kickgate/tmp/generic-dev-x/work/disk.raw"), "raw", cache="unsafe"),),
+        kernel=Path("/var/cache/kickgate/tmp/generic-dev-x/work/vmlinuz"),
+        initrd=Path("/var/cache/kickgate/tmp/generic-dev-x/work/initrd.img"),
+        cmdline="root=UUID=0f3c3e59-2f43-4a7c-9a53-5c1f0f6c3a10 rw console=ttyS0,115200 panic=-1",
+        nic=Nic(mac=MAC, restrict=True)),
+    # A throwaway test instance: disk boot from a qcow2 overlay + context CD, ssh forward, TCG.
+    "disk-boot-qemu": DomainSpec(
+        name="kg-test-generic-dev-def456", type="qemu", memory_mib=2048, vcpus=2,
+        serial_log=Path("/tmp/kg-test/serial.log"),
+        disks=(Disk(Path("/tmp/kg-test/overlay.qcow2"), "qcow2"),
+               Disk(Path("/tmp/kg-test/context.iso"), "raw", device="cdrom")),
+        nic=Nic(mac=MAC, host_forwards=((40022, 22), (40080, 80))),
+        on_reboot="restart", uuid="3f1c9a52-7f0e-4b1e-8c55-1a2b3c4d5e6f"),
+    # No NIC at all: no qemu:commandline element.
+    "no-nic": DomainSpec(
+        name="kg-plain", type="qemu", memory_mib=512, vcpus=1, serial_log=Path("/tmp/plain/serial.log"),
+        disks=(Disk(Path("/tmp/plain/disk.qcow2")),)),
+}
+
+
+def test_every_golden_file_is_used() -> None:
+    assert sorted(p.stem for p in GOLDEN.glob("domain-*.xml")) == sorted(f"domain-{n}" for n in SPECS)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_domain_xml_matches_golden(name: str) -> None:
+    xml = domain_xml(SPECS[name])
+    golden = GOLDEN / f"domain-{name}.xml"
+    if UPDATE:
+        GOLDEN.mkdir(exist_ok=True)
+        golden.write_text(xml)
+    assert xml == golden.read_text(), f"{golden} differs; review, then KICKGATE_UPDATE_GOLDEN=1"
+
+
+@pytest.fixture(scope="module")
+def libvirt_test_conn() -> Iterator[Any]:
+    """libvirt's own parser and RNG schema, through the in-process test driver (no daemon, no QEMU)."""
+    libvirt = pytest.importorskip("libvirt")
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    conn = libvirt.open("test:///default")
+    yield conn
+    conn.close()
+
+
+def define(conn: Any, xml: str) -> None:
+    import libvirt
+
+    dom = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    dom.undefine()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_domain_xml_accepted_by_libvirt(name: str, libvirt_test_conn: Any) -> None:
+    define(libvirt_test_conn, domain_xml(SPECS[name]))
+
+
+def test_libvirt_validation_is_real(libvirt_test_conn: Any) -> None:
+    import libvirt
+
+    broken = domain_xml(SPECS["disk-boot-qemu"]).replace('<target dev="hdc" bus="ide" />', '<target bus="ide" />')
+    with pytest.raises(libvirt.libvirtError, match="schema"):
+        define(libvirt_test_conn, broken)
+
+
+def parse(spec: DomainSpec) -> ET.Element:
+    return ET.fromstring(domain_xml(spec))
+
+
+def qemu_args(root: ET.Element) -> list[str]:
+    cmd = root.find(f"{Q}commandline")
+    return [] if cmd is None else [a.attrib["value"] for a in cmd.findall(f"{Q}arg")]
+
+
+def test_kernel_boot_structure() -> None:
+    spec = SPECS["kernel-boot-kvm"]
+    root = parse(spec)
+    os_el = root.find("os")
+    assert os_el is not None
+    assert os_el.findtext("kernel") == str(spec.kernel)
+    assert os_el.findtext("initrd") == str(spec.initrd)
+    assert os_el.findtext("cmdline") == spec.cmdline
+    assert os_el.find("boot") is None
+    assert root.attrib["type"] == "kvm"
+    assert root.find("cpu").attrib["mode"] == "host-passthrough"  # type: ignore[union-attr]
+    assert root.findtext("on_reboot") == "destroy"
+    assert root.findtext("on_poweroff") == "destroy"
+    assert root.find("memory").attrib["unit"] == "MiB" and root.findtext("memory") == "1024"  # type: ignore[union-attr]
+
+
+def test_disk_boot_structure() -> None:
+    root = parse(SPECS["disk-boot-qemu"])
+    os_el = root.find("os")
+    assert os_el is not None
+    assert os_el.find("kernel") is None and os_el.find("cmdline") is None
+    assert os_el.find("boot").attrib == {"dev": "hd"}  # type: ignore[union-attr]
+    assert root.find("cpu").attrib["mode"] == "maximum"  # type: ignore[union-attr]
+    assert root.findtext("on_reboot") == "restart"
+    assert root.findtext("uuid") == "3f1c9a52-7f0e-4b1e-8c55-1a2b3c4d5e6f"
+
+
+def test_overlay_disk_and_context_cdrom() -> None:
+    root = parse(SPECS["disk-boot-qemu"])
+    disk, cdrom = root.findall("devices/disk")
+    assert disk.attrib["device"] == "disk"
+    assert disk.find("driver").attrib == {"name": "qemu", "type": "qcow2"}  # type: ignore[union-attr]
+    assert disk.find("source").attrib["file"] == "/tmp/kg-test/overlay.qcow2"  # type: ignore[union-attr]
+    assert disk.find("target").attrib == {"dev": "vda", "bus": "virtio"}  # type: ignore[union-attr]
+    assert disk.find("readonly") is None
+    assert cdrom.attrib["device"] == "cdrom"
+    assert cdrom.find("driver").attrib["type"] == "raw"  # type: ignore[union-attr]
+    assert cdrom.find("source").attrib["file"] == "/tmp/kg-test/context.iso"  # type: ignore[union-attr]
+    assert cdrom.find("target").attrib == {"dev": "hdc", "bus": "ide"}  # type: ignore[union-attr]
+    assert cdrom.find("readonly") is not None
+
+
+def test_serial_console_goes_to_log_file() -> None:
+    spec = SPECS["disk-boot-qemu"]
+    root = parse(spec)
+    serial = root.find("devices/serial")
+    console = root.find("devices/console")
+    assert serial is not None and console is not None
+    assert serial.attrib["type"] == "file" and console.attrib["type"] == "file"
+    assert serial.find("source").attrib["path"] == str(spec.serial_log)  # type: ignore[union-attr]
+    assert console.find("source").attrib["path"] == str(spec.serial_log)  # type: ignore[union-attr]
+
+
+def test_nic_forwards_only_on_localhost_at_fixed_pci_slot() -> None:
+    args = qemu_args(parse(SPECS["disk-boot-qemu"]))
+    assert args[0] == "-netdev" and args[2] == "-device"
+    netdev = args[1].split(",")
+    assert netdev[:2] == ["user", "id=n0"]
+    forwards = [p for p in netdev if p.startswith("hostfwd=")]
+    assert forwards == ["hostfwd=tcp:127.0.0.1:40022-:22", "hostfwd=tcp:127.0.0.1:40080-:80"]
+    assert "restrict=on" not in netdev
+    device = dict(p.split("=", 1) for p in args[3].split(",")[1:])
+    assert args[3].startswith("virtio-net-pci,")
+    assert device == {"netdev": "n0", "mac": MAC, "bus": "pci.0", "addr": "0x10"}
+    assert NIC_PCI_ADDR == "0x10"
+
+
+def test_restricted_nic() -> None:
+    args = qemu_args(parse(SPECS["kernel-boot-kvm"]))
+    netdev = args[args.index("-netdev") + 1].split(",")
+    assert "restrict=on" in netdev
+    assert not [p for p in netdev if p.startswith("hostfwd=")]
+
+
+def test_no_nic_no_commandline() -> None:
+    root = parse(SPECS["no-nic"])
+    assert root.find(f"{Q}commandline") is None
+    assert root.find("devices/interface") is None
+
+
+def test_extra_qemu_args_follow_nic() -> None:
+    spec = DomainSpec(name="x", type="qemu", memory_mib=512, vcpus=1, serial_log=Path("/tmp/s.log"),
+                      disks=(), nic=Nic(mac=MAC), extra_qemu_args=("-smbios", "type=1,serial=ds=nocloud"))
+    args = qemu_args(parse(spec))
+    assert args[-2:] == ["-smbios", "type=1,serial=ds=nocloud"]
+    assert args[0] == "-netdev"
+
+
+def test_commandline_is_in_qemu_namespace() -> None:
+    xml = domain_xml(SPECS["disk-boot-qemu"])
+    assert f'xmlns:qemu="{QEMU_NS}"' in xml
+    assert "<qemu:commandline>" in xml
+    assert QEMU_NS == "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+def test_names_are_escaped() -> None:
+    spec = DomainSpec(name="a&b", type="qemu", memory_mib=512, vcpus=1, serial_log=Path("/tmp/<odd>&.log"),
+                      disks=(), kernel=Path("/k"), cmdline="console=ttyS0 x=\"<y>\"")
+    root = parse(spec)
+    assert root.findtext("name") == "a&b"
+    assert root.findtext("os/cmdline") == "console=ttyS0 x=\"<y>\""
+    assert root.find("devices/serial/source").attrib["path"] == "/tmp/<odd>&.log"  # type: ignore[union-attr]
+
+
+def test_random_mac() -> None:
+    macs = [random_mac() for _ in range(1000)]
+    assert len(set(macs)) == 1000
+    for mac in macs:
+        assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", mac), mac
+
+
+def test_tcg_cpu_model_only_for_qemu(libvirt_test_conn: Any) -> None:
+    base = SPECS["no-nic"]
+    custom = DomainSpec(**{**base.__dict__, "tcg_cpu": "Haswell-noTSX"})
+    cpu = parse(custom).find("cpu")
+    assert cpu is not None and cpu.attrib == {"mode": "custom", "match": "exact"}
+    assert cpu.findtext("model") == "Haswell-noTSX"
+    assert cpu.find("model").attrib == {"fallback": "forbid"}  # type: ignore[union-attr]
+    define(libvirt_test_conn, domain_xml(custom))
+    kvm = DomainSpec(**{**custom.__dict__, "type": "kvm"})
+    assert parse(kvm).find("cpu").attrib == {"mode": "host-passthrough"}  # type: ignore[union-attr]
