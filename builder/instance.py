@@ -106,7 +106,8 @@ class Instance:
 
     def __enter__(self) -> Instance:
         try:
-            self.start()
+            if self._dom is None:  # a spare may have been started ahead of use
+                self.start()
             self.wait_ready()
         except BaseException:
             self.failed = True

@@ -106,7 +106,7 @@ def built_image(request: pytest.FixtureRequest, kickgate: KickgateSession) -> Im
 def instance(request: pytest.FixtureRequest, kickgate: KickgateSession,
              built_image: ImageUnderTest) -> Iterator[Instance]:
     """A throwaway instance of built_image, booted with a context CD; reused by the specs of one image."""
-    with kickgate.running_instance(built_image, label=built_image.name) as inst:
+    with kickgate.running_instance(built_image, label=built_image.name, primary=True) as inst:
         yield inst
         failed = getattr(request.node, "_kickgate_failed", False) or request.session.testsfailed > 0
         inst.failed = inst.failed or bool(failed)

@@ -144,6 +144,8 @@ class KickgateSession:
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
         self._kept: list[Instance] = []
+        self.wants_spare: set[str] = set()  # images whose specs boot a second instance
+        self._spares: dict[str, Instance] = {}
         self.interrupted = False
         self.any_gate_failed = False
 
@@ -245,9 +247,26 @@ class KickgateSession:
         return Instance(self.hypervisor, image.path, image.format, label=label, options=options,
                         avoid_mac=image.build_mac, domain_type=self.hypervisor.domain_type())
 
+    def start_spare(self, image: ImageUnderTest) -> None:
+        """Start booting the second instance a clone spec will ask for, so both boot in parallel."""
+        if image.name not in self.wants_spare or image.name in self._spares:
+            return
+        spare = self.new_instance(image, label=image.name + "-extra")
+        try:
+            spare.start()
+        except Exception as exc:  # the spec that needs it will boot one itself and report the error
+            log.warning("%s: could not start a spare instance ahead of time: %s", image.name, exc)
+            spare.stop()
+            return
+        self._spares[image.name] = spare
+
     @contextlib.contextmanager
-    def running_instance(self, image: ImageUnderTest, label: str, **opts: Any) -> Iterator[Instance]:
-        inst = self.new_instance(image, label, **opts)
+    def running_instance(self, image: ImageUnderTest, label: str, *, primary: bool = False,
+                         **opts: Any) -> Iterator[Instance]:
+        spare = None if (primary or opts) else self._spares.pop(image.name, None)
+        inst = spare or self.new_instance(image, label, **opts)
+        if primary:
+            self.start_spare(image)
         state = self.images.setdefault(image.name, ImageState())
         try:
             with inst:
@@ -294,6 +313,8 @@ class KickgateSession:
             name = dict(item.user_properties).get("kickgate_image")
             if name:
                 self.collected[str(name)] = self.collected.get(str(name), 0) + 1
+                if "instance_factory" in getattr(item, "fixturenames", ()):
+                    self.wants_spare.add(str(name))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         name = dict(report.user_properties).get("kickgate_image")
@@ -425,6 +446,9 @@ class KickgateSession:
         return lines
 
     def close(self) -> None:
+        for spare in self._spares.values():
+            spare.stop()
+        self._spares.clear()
         if self._hv is not None:
             for inst in self._kept:
                 self._hv.forget(inst.name, inst.workdir)
