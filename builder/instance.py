@@ -38,6 +38,7 @@ KeepPolicy = Literal["never", "on-failure", "always"]
 # QEMU's user network: the guest is always 10.0.2.15 behind gateway .2 and resolver .3.
 USER_NET = {"IP": "10.0.2.15", "MASK": "255.255.255.0", "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
 INIT_MARKER = "/var/run/kickgate-context-init.done"
+LOGIN_PROMPT_GRACE_S = 90.0
 
 # Boot phases recognised on the serial console, in order.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -211,6 +212,7 @@ class Instance:
         deadline = start + self.options.boot_timeout_s
         last = ""
         auth_error = ""
+        prompt_at: float | None = None
         while True:
             if not self.hv.is_active(self._dom):
                 raise self._fail("the domain stopped while booting")
@@ -228,6 +230,15 @@ class Instance:
             if self.reached != last:
                 log.info("%s: reached %s after %.1fs", self.name, self.reached, time.monotonic() - start)
                 last = self.reached
+            if self.reached == "login prompt":
+                # getty starts after rc-local, so by now contextualization has run: an instance
+                # that still does not answer SSH was not given its network by the context.
+                prompt_at = prompt_at or time.monotonic()
+                if time.monotonic() - prompt_at > LOGIN_PROMPT_GRACE_S and not auth_error:
+                    raise self._fail(
+                        f"the guest booted to a login prompt but did not answer SSH on its context address "
+                        f"within {LOGIN_PROMPT_GRACE_S:.0f}s: contextualization did not configure the network "
+                        "(check rc.local and /var/log/context.log in the image)")
             if time.monotonic() > deadline:
                 raise self._fail(auth_error or f"no SSH login within {self.options.boot_timeout_s:.0f}s")
             time.sleep(1.0)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,8 @@ class ImageState:
     register_error: str | None = None
     current: Instance | None = None
     boot_seconds: list[float] = field(default_factory=list)
+    spec_seconds: float = 0.0
+    register_seconds: float = 0.0
 
 
 def can_build(recipe: Recipe) -> tuple[bool, str]:
@@ -321,6 +324,8 @@ class KickgateSession:
         if not name:
             return
         state = self.images.setdefault(str(name), ImageState())
+        if report.when == "call":
+            state.spec_seconds += report.duration
         state.results.record(report.nodeid, report.when or "call", report.outcome, hasattr(report, "wasxfail"))
 
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
@@ -365,11 +370,13 @@ class KickgateSession:
                 state.verdict = decide(results, narrowed=narrowed, allow_partial=self.opts.allow_partial,
                                        interrupted=interrupted, register=self.opts.register)
             if state.verdict.promote and state.image is not None:
+                started = time.monotonic()
                 try:
                     state.registered = self._register(state.image, results)
                 except KickgateError as exc:
                     state.register_error = str(exc)
                     self.any_gate_failed = True
+                state.register_seconds = time.monotonic() - started
             elif self.opts.register and not state.verdict.promote and not narrowed:
                 self.any_gate_failed = True
             self._write_artifacts(name, state)
@@ -411,6 +418,10 @@ class KickgateSession:
                    "specs": state.results.outcomes,
                    "registered": asdict(state.registered) if state.registered else None,
                    "register_error": state.register_error,
+                   "timings": {"image_seconds": state.image.seconds if state.image else None,
+                               "cached": state.image.cached if state.image else None,
+                               "boot_to_ssh_seconds": state.boot_seconds, "specs_seconds": state.spec_seconds,
+                               "register_seconds": state.register_seconds},
                    "sha256": state.image.sha256 if state.image else None}
         tmp = dst / ".gate.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
