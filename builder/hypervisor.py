@@ -6,6 +6,7 @@ happened in between, so no qemu process outlives a run.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
@@ -41,6 +42,26 @@ stdio_handler = "file"
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
+_embed_root: Path | None = None
+
+
+def process_embed_root() -> Path:
+    """The one root of libvirt's embedded driver in this process.
+
+    libvirt binds a process to the first embed root it opens, even after that connection is
+    closed ("already open with path …"), so every Hypervisor of a process shares it. It is
+    removed when the process exits.
+    """
+    global _embed_root
+    with _event_loop_lock:
+        if _embed_root is None:
+            # Short path: QEMU's monitor sockets live below it and UNIX paths max out at 108 bytes.
+            root = Path(tempfile.mkdtemp(prefix="kg-virt-", dir="/tmp"))
+            (root / "etc").mkdir()
+            (root / "etc" / "qemu.conf").write_text(_EMBED_QEMU_CONF)
+            atexit.register(shutil.rmtree, root, True)
+            _embed_root = root
+        return _embed_root
 
 
 def _ensure_event_loop() -> None:
@@ -106,14 +127,10 @@ class Hypervisor:
         _ensure_event_loop()
         _silence_libvirt_stderr()
         if self.embedded:
-            # Short path: QEMU's monitor sockets live below it and UNIX paths max out at 108 bytes.
-            self._embed_root = Path(tempfile.mkdtemp(prefix="kg-virt-", dir="/tmp"))
-            (self._embed_root / "etc").mkdir()
-            (self._embed_root / "etc" / "qemu.conf").write_text(_EMBED_QEMU_CONF)
+            self._embed_root = process_embed_root()
         try:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
-            self._remove_embed_root()
             hint = ("install libvirt-daemon-driver-qemu and libvirt-daemon-system (ci/setup does)"
                     if self.embedded else "is libvirtd running and the URI right?")
             raise HypervisorError(f"cannot open libvirt at {self.uri}: {exc.get_error_message()} ({hint})") from None
@@ -128,12 +145,6 @@ class Hypervisor:
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
             self._conn = None
-        self._remove_embed_root()
-
-    def _remove_embed_root(self) -> None:
-        if self._embed_root is not None:
-            shutil.rmtree(self._embed_root, ignore_errors=True)
-            self._embed_root = None
 
     # -- domains -----------------------------------------------------------------------------
 
