@@ -111,6 +111,12 @@ def watch(dom: Any, is_active: Callable[[Any], bool], serial: Path, *, timeout: 
                     if rx.search(line):
                         w.matched = line
                         return Outcome.MATCHED, w
+            # A prompt ("login: ") is never followed by a newline: match the unfinished line too.
+            pending = _ANSI_RE.sub("", w._partial)
+            for rx in wait_for_res:
+                if pending and rx.search(pending):
+                    w.matched = pending
+                    return Outcome.MATCHED, w
             if activity is not None:
                 counter = activity()
                 if counter != last_counter:

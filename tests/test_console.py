@@ -148,6 +148,15 @@ def test_wait_for_regex(guests: list[Guest], serial: Path) -> None:
     assert elapsed < 2.0
 
 
+def test_wait_for_matches_a_prompt_with_no_newline(guests: list[Guest], serial: Path) -> None:
+    # getty prints "host login: " and waits: the line never ends, yet the prompt is there.
+    outcome, w, elapsed = follow(guests, serial, [b"Debian GNU/Linux 12 host ttyS0\n\n", b"host login: "],
+                                 idle_timeout=3.0, wait_for=[r"login: ?$"])
+    assert outcome is Outcome.MATCHED, outcome
+    assert w.matched == "host login: "
+    assert elapsed < 2.0
+
+
 def test_idle_watchdog_when_nothing_is_written(guests: list[Guest], serial: Path) -> None:
     outcome, w, elapsed = follow(guests, serial, [b"one line, then silence\n"], idle_timeout=0.2)
     assert outcome is Outcome.IDLE
