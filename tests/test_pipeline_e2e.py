@@ -1,0 +1,196 @@
+"""The main job as a user runs it: `pytest specs/` builds, verifies with real guests, and gates.
+
+These run the real pipeline in a subprocess: real QEMU guests under libvirt, real testinfra over
+SSH. They share the build cache with the other slow tests, so the reference image is built once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from onesim import OneSim, SimDatastore, SimUser
+
+pytestmark = pytest.mark.slow
+
+PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider"]
+
+
+def run_specs(repo_root: Path, cache: Path, *args: str, env: dict[str, str] | None = None,
+              timeout: float = 1500) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "KICKGATE_CACHE_DIR": str(cache), **(env or {})}
+    full_env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run([*PYTEST, "specs/", *args], cwd=repo_root, env=full_env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def junit_outcomes(path: Path) -> dict[str, tuple[str, str]]:
+    """test name (without the image parameter) → (outcome, message)."""
+    out: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "").split("[", 1)[0]
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                outcome, message = tag, (el.get("message") or "") + "\n" + (el.text or "")
+        out[name] = (outcome, message)
+    return out
+
+
+def test_readme_main_job_registers_the_reference_image(repo_root: Path, shared_cache_dir: Path,
+                                                       tmp_path: Path) -> None:
+    """README's first command (after ci/setup): `.venv/bin/pytest specs/` on the embedded defaults."""
+    registry = tmp_path / "registry"
+    artifacts = tmp_path / "artifacts"
+    res = run_specs(repo_root, shared_cache_dir, "--artifacts-dir", str(artifacts),
+                    env={"KICKGATE_REGISTRY_DIR": str(registry)})
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert "registered: local generic-dev version 1" in res.stdout
+    record = json.loads((registry / "generic-dev" / "latest" / "record.json").read_text())
+    attrs = dict(record["attributes"])
+    build = json.loads((artifacts / "generic-dev" / "build-record.json").read_text())
+    assert record["sha256"] == attrs["SHA256"] == build["image_sha256"]
+    assert attrs["BUILD_ID"] == build["build_id"]
+    passed, total = attrs["SPECS"].split(" ", 1)[0].split("/")
+    assert passed == total and int(total) >= 20
+    assert ", GitRev: " in attrs["DESCRIPTION"] and attrs["DESCRIPTION"].split("Source: ")[1].startswith("generic-dev")
+    stored = registry / "generic-dev" / "latest" / "generic-dev.qcow2"
+    assert stored.stat().st_size == record["size"]
+    gate = json.loads((artifacts / "generic-dev" / "gate.json").read_text())
+    assert gate["verdict"]["promote"] is True
+    listing = subprocess.run([sys.executable, "-m", "builder.cli", "images", "--registry-dir", str(registry)],
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "generic-dev\tversion 1" in listing
+
+
+def test_main_job_registers_in_opennebula(repo_root: Path, shared_cache_dir: Path, tmp_path: Path) -> None:
+    """`pytest specs/ --registry opennebula` against a stand-in oned, with unmodified pyone."""
+    publish = tmp_path / "publish"
+    auth = tmp_path / "one_auth"
+    auth.write_text("kick:e2e-Secret-pw\n")
+    users = [SimUser("oneadmin", "onepass", 0, 0, "oneadmin"), SimUser("kick", "e2e-Secret-pw", 2, 1, "users")]
+    dss = [SimDatastore(0, "system", "SYSTEM"), SimDatastore(1, "default", "IMAGE", safe_dirs=[str(publish)])]
+    with OneSim(users=users, datastores=dss, copy_delay=0.5) as sim:
+        res = run_specs(repo_root, shared_cache_dir, "--registry", "opennebula", "--one-datastore", "default",
+                        "--one-publish-dir", str(publish),
+                        env={"ONE_XMLRPC": sim.endpoint, "ONE_AUTH": str(auth)})
+        assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+        assert "e2e-Secret-pw" not in res.stdout + res.stderr, "the OpenNebula password reached the output"
+        images = sim.find_images("generic-dev")
+        assert len(images) == 1
+        image = images[0]
+        assert image.state == 1, f"image not READY: state {image.state}"
+        assert image.tget("SHA256") and len(image.tget("SHA256") or "") == 64
+        assert "Source: generic-dev, GitRev: " in (image.tget("DESCRIPTION") or "")
+        listing = subprocess.run([sys.executable, "-m", "builder.cli", "images", "--registry", "opennebula"],
+                                 capture_output=True, text=True, timeout=60, check=False,
+                                 env={**os.environ, "ONE_XMLRPC": sim.endpoint, "ONE_AUTH": str(auth)})
+        assert listing.returncode == 0, listing.stderr
+        assert "generic-dev" in listing.stdout
+
+
+LEAKY_SCRIPT = """#!/bin/sh
+# Deliberately broken: swap, a persistent net rule for the build NIC, an open firewall.
+set -eu
+fallocate -l 32M /swapfile && chmod 600 /swapfile && mkswap /swapfile
+echo '/swapfile none swap sw 0 0' >> /etc/fstab
+mac=$(cat /sys/class/net/eth0/address)
+echo "SUBSYSTEM==\\"net\\", ACTION==\\"add\\", ATTR{address}==\\"$mac\\", NAME=\\"eth0\\"" \\
+    > /etc/udev/rules.d/70-persistent-net.rules
+sed -i 's/^:INPUT DROP/:INPUT ACCEPT/' /etc/iptables/rules.v4
+"""
+
+NO_CONTEXT_SCRIPT = """#!/bin/sh
+# Deliberately broken: contextualization emptied out of rc.local.
+printf '#!/bin/sh\\nexit 0\\n' > /etc/rc.local
+"""
+
+
+def make_variant(repo_root: Path, root: Path, name: str, script: str) -> None:
+    """A copy of generic-dev whose last node script breaks it on purpose."""
+    if not (root / "scripts").exists():
+        shutil.copytree(repo_root / "scripts", root / "scripts")
+    folder = root / "images" / name
+    shutil.copytree(repo_root / "images" / "generic-dev", folder)
+    toml = folder / "image.toml"
+    toml.write_text(toml.read_text().replace('name = "generic-dev"', f'name = "{name}"')
+                    .replace('NAME = "generic-dev"', f'NAME = "{name}"')
+                    .replace('node = ["sudoers.sh", "motd.sh"]', 'node = ["sudoers.sh", "motd.sh", "break.sh"]'))
+    (folder / "scripts" / "node" / "break.sh").write_text(script)
+    (folder / "scripts" / "node" / "break.sh").chmod(0o755)
+
+
+def test_broken_image_fails_exactly_the_matching_specs(repo_root: Path, shared_cache_dir: Path,
+                                                       tmp_path: Path) -> None:
+    root = tmp_path / "recipes"
+    make_variant(repo_root, root, "leaky", LEAKY_SCRIPT)
+    junit = tmp_path / "junit.xml"
+    registry = tmp_path / "registry"
+    res = run_specs(repo_root, shared_cache_dir, "--recipes", str(root), "--image", "leaky",
+                    "--registry-dir", str(registry), f"--junitxml={junit}")
+    assert res.returncode == 1, res.stdout[-6000:]
+    outcomes = junit_outcomes(junit)
+    failed = {name for name, (outcome, _) in outcomes.items() if outcome != "passed"}
+    expected = {
+        "test_no_active_swap", "test_no_swap_in_fstab", "test_no_swap_partitions_or_files",
+        "test_no_systemd_swap_units",
+        "test_no_persistent_net_rules", "test_no_mac_pinned_in_network_configs",
+        "test_inbound_default_is_drop", "test_listener_is_blocked_but_ssh_is_not",
+    }
+    assert failed == expected, f"unexpected: {failed - expected}, missed: {expected - failed}"
+    messages = {name: msg for name, (_, msg) in outcomes.items()}
+    assert "swap is active on the instance" in messages["test_no_active_swap"]
+    assert "/etc/fstab mounts swap" in messages["test_no_swap_in_fstab"]
+    assert "70-persistent-net.rules exists" in messages["test_no_persistent_net_rules"]
+    assert "MAC" in messages["test_no_mac_pinned_in_network_configs"]
+    assert "inbound traffic is not dropped by default" in messages["test_inbound_default_is_drop"]
+    assert "port 8080 is reachable from outside the guest" in messages["test_listener_is_blocked_but_ssh_is_not"]
+    assert "leaky: " in res.stdout and "NOT registered: 8 of" in res.stdout
+    assert not (registry / "leaky").exists()
+
+
+def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Path, shared_cache_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    root = tmp_path / "recipes"
+    make_variant(repo_root, root, "no-context", NO_CONTEXT_SCRIPT)
+    junit = tmp_path / "junit.xml"
+    kept_cache = tmp_path / "kept-cache"  # where kept-instance records go: this test's own
+    kept_cache.mkdir()
+    for entry in shared_cache_dir.iterdir():  # share the builds, not the kept records
+        if entry.name != "kept":
+            (kept_cache / entry.name).symlink_to(entry)
+    res = run_specs(repo_root, kept_cache, "--recipes", str(root), "--image", "no-context",
+                    "--registry-dir", str(tmp_path / "registry"), f"--junitxml={junit}", "-k", "not clones",
+                    "--keep-instance", "on-failure")
+    try:
+        assert res.returncode == 1, res.stdout[-6000:]
+        outcomes = junit_outcomes(junit)
+        assert outcomes and all(outcome == "error" for outcome, _ in outcomes.values()), outcomes
+        message = next(iter(outcomes.values()))[1]
+        assert "InstanceError" in message and "reached: login prompt" in message
+        assert "contextualization did not configure the network" in message
+        assert "NOT registered" in res.stdout
+        # The failed instance outlives the run for a person to inspect, and says how to reach it.
+        assert "kept kg-no-context-" in res.stdout and "ssh -F " in res.stdout
+        records = list((kept_cache / "kept").glob("*.json"))
+        assert len(records) == 1
+        pid = json.loads(records[0].read_text())["pid"]
+        assert pid and Path(f"/proc/{pid}").exists(), "the kept instance is not running"
+    finally:
+        cleanup = subprocess.run([sys.executable, "-m", "builder.cli", "--cache-dir", str(kept_cache), "cleanup"],
+                                 capture_output=True, text=True, timeout=60, check=False)
+    assert "removed 1 kept instance(s)" in cleanup.stdout, cleanup.stdout + cleanup.stderr
+    for _ in range(50):
+        if not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower():
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError(f"kickgate cleanup left the kept QEMU (pid {pid}) running")
