@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from filelock import FileLock
 
@@ -330,6 +330,3 @@ def _keep_failed_log(serial: Path, cache_dir: Path, name: str) -> Path | None:
     shutil.copyfile(serial, kept)
     return kept
 
-
-def describe(record: BuildRecord) -> dict[str, Any]:
-    return asdict(record)

@@ -30,12 +30,6 @@ def mkfs_from_tree(path: Path, tree: Path, size_mib: int, uuid: str, label: str 
          "-d", str(tree), str(path), f"{fs_kib}k"], timeout=900)
 
 
-def partition_table(path: Path) -> list[dict[str, object]]:
-    out = run(["sfdisk", "--json", str(path)], timeout=30).stdout
-    table = json.loads(out)["partitiontable"]
-    parts: list[dict[str, object]] = table.get("partitions", [])
-    return parts
-
 
 def image_info(path: Path) -> dict[str, object]:
     """qemu-img's view of an image (format, virtual size, backing file…)."""

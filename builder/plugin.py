@@ -8,17 +8,14 @@ plugin manager.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable, Generator, Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from builder.errors import KickgateError
-from builder.instance import Instance, InstanceOptions
+from builder.instance import Instance
 from builder.session import ImageUnderTest, KickgateSession
 
 log = logging.getLogger(__name__)
@@ -128,14 +125,10 @@ def instance_factory(kickgate: KickgateSession, built_image: ImageUnderTest) -> 
         yield make
 
 
-@pytest.fixture
-def instance_options() -> type[InstanceOptions]:
-    return InstanceOptions
-
-
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     ks = _session(config)
+    not_applicable: list[pytest.Item] = []
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is None or "built_image" not in callspec.params:
@@ -143,26 +136,23 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         name = str(callspec.params["built_image"])
         item.user_properties.append(("kickgate_image", name))
         fam = item.get_closest_marker("family")
-        if fam is not None:
-            wanted = set(fam.args)
-            family = ks.family_of(name)
-            if family is not None and family not in wanted:
-                # A spec for another family does not apply; it is not a skip that blocks the gate.
-                item.add_marker(pytest.mark.kickgate_not_applicable)
-    not_applicable = [i for i in items if i.get_closest_marker("kickgate_not_applicable")]
+        if fam is not None and ks.family_of(name) not in (None, *fam.args):
+            # A spec for another OS family does not apply: leaving it out is not a narrowed run.
+            not_applicable.append(item)
     if not_applicable:
-        for i in not_applicable:
-            items.remove(i)
+        ks.not_applicable = {i.nodeid for i in not_applicable}
+        items[:] = [i for i in items if i.nodeid not in ks.not_applicable]
         config.hook.pytest_deselected(items=not_applicable)
-        ks.not_applicable += len(not_applicable)
+    ks.count_collected(items)
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
-    if items and not any(i.get_closest_marker("kickgate_not_applicable") for i in items):
-        for i in items:
-            props = dict(getattr(i, "user_properties", []))
-            if "kickgate_image" in props:
-                _session(i.config).deselected += 1
+    if not items:
+        return
+    ks = _session(items[0].config)
+    for i in items:
+        if "kickgate_image" in dict(getattr(i, "user_properties", [])) and i.nodeid not in ks.not_applicable:
+            ks.deselected += 1
 
 
 @pytest.hookimpl(wrapper=True)
@@ -211,10 +201,3 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if isinstance(ks, KickgateSession):
         ks.close()
         config.pluginmanager.unregister(ks, SESSION_KEY)
-
-
-def copy_into(src: Path, dst_dir: Path, name: str | None = None) -> None:
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dst_dir / f".{name or src.name}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst_dir / (name or src.name))

@@ -15,11 +15,8 @@ log = logging.getLogger(__name__)
 
 def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool = True,
         cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
-        input: bytes | None = None, stdout_path: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run argv; raise CommandError on failure or timeout. Output is text (stdout+stderr merged).
-
-    With stdout_path, stdout goes to that file instead of memory (large outputs such as tarballs).
-    """
+        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv; raise CommandError on failure or timeout. Output is text (stdout+stderr merged)."""
     args = [os.fspath(a) for a in argv]
     log.debug("run: %s", " ".join(args))
     full_env = None
@@ -27,16 +24,9 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool =
         full_env = dict(os.environ)
         full_env.update(env)
     try:
-        if stdout_path is not None:
-            with open(stdout_path, "wb") as out:
-                proc = subprocess.run(args, stdout=out, stderr=subprocess.PIPE, cwd=cwd, env=full_env,
-                                      input=input, timeout=timeout, check=False)
-            text = proc.stderr.decode(errors="replace")
-            result = subprocess.CompletedProcess(args, proc.returncode, text, "")
-        else:
-            proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
-                                  env=full_env, input=input, timeout=timeout, check=False)
-            result = subprocess.CompletedProcess(args, proc.returncode, proc.stdout.decode(errors="replace"), "")
+        proc = subprocess.run(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd,
+                              env=full_env, input=input, timeout=timeout, check=False)
+        result = subprocess.CompletedProcess(args, proc.returncode, proc.stdout.decode(errors="replace"), "")
     except subprocess.TimeoutExpired as exc:
         partial = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else ""
         raise CommandError(args, None, partial, timeout=timeout) from None

@@ -142,7 +142,7 @@ class KickgateSession:
         self.not_selected: dict[str, str] = {}
         self.collected: dict[str, int] = {}
         self.deselected = 0
-        self.not_applicable = 0
+        self.not_applicable: set[str] = set()  # node ids of specs for another OS family
         self._selected: list[str] | None = None
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
@@ -309,9 +309,8 @@ class KickgateSession:
 
     # -- hooks -------------------------------------------------------------------------------
 
-    @pytest.hookimpl(trylast=True)
-    def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
-                                      items: list[pytest.Item]) -> None:
+    def count_collected(self, items: list[pytest.Item]) -> None:
+        """What each image must pass (after -k/-m deselection), and which images need a spare."""
         for item in items:
             name = dict(item.user_properties).get("kickgate_image")
             if name:
@@ -405,8 +404,6 @@ class KickgateSession:
     def _write_artifacts(self, name: str, state: ImageState) -> None:
         if self.opts.artifacts_dir is None:
             return
-        from builder.plugin import copy_into
-
         dst = self.opts.artifacts_dir / name
         dst.mkdir(parents=True, exist_ok=True)
         art = state.image.artifact if state.image else None
@@ -465,6 +462,13 @@ class KickgateSession:
                 self._hv.forget(inst.name, inst.workdir)
             self._hv.close()
             self._hv = None
+
+
+def copy_into(src: Path, dst_dir: Path, name: str | None = None) -> None:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dst_dir / f".{name or src.name}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst_dir / (name or src.name))
 
 
 def registration_for(image: ImageUnderTest, results: SpecResults, root: Path) -> Registration:

@@ -157,3 +157,12 @@ def test_two_concurrent_runs_both_land(repo_root: Path, tmp_path: Path, registry
     assert versions(registry) == ["1", "2"]
     shas = {json.loads((registry / "generic-dev" / v / "record.json").read_text())["sha256"] for v in ("1", "2")}
     assert len(shas) == 2
+
+
+def test_spec_for_another_family_is_left_out_without_narrowing(pytester: pytest.Pytester, repo_root: Path,
+                                                               fake_image: Path, registry: Path) -> None:
+    specs = SPECS + ("\nimport pytest\n@pytest.mark.family('rhel')\ndef test_rhel_only(built_image):\n"
+                     "    assert False, 'must not run against a Debian image'\n")
+    result = run_gate(pytester, repo_root, fake_image, registry, specs=specs)
+    result.assert_outcomes(passed=2, deselected=1)
+    result.stdout.fnmatch_lines(["*specs 2/2 passed*registered: local generic-dev version 1*"])
