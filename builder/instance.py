@@ -263,7 +263,12 @@ class Instance:
             import testinfra
 
             assert self.ssh_config is not None
-            self._host = testinfra.get_host(f"paramiko://{self.name}", ssh_config=str(self.ssh_config))
+            self._host = testinfra.get_host(f"paramiko://{self.name}", ssh_config=str(self.ssh_config), timeout=60)
+            # Hand testinfra the session the harness already authenticated with the context key
+            # (its backend caches the client in a functools.cached_property): a second handshake
+            # can time out while an emulated guest is busy, and would prove nothing new.
+            if self._ssh is not None:
+                self._host.backend.__dict__["client"] = self._ssh
         return self._host
 
     def ssh_command(self) -> str:

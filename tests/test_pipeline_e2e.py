@@ -145,8 +145,9 @@ def test_broken_image_fails_exactly_the_matching_specs(repo_root: Path, shared_c
         "test_no_persistent_net_rules", "test_no_mac_pinned_in_network_configs",
         "test_inbound_default_is_drop", "test_listener_is_blocked_but_ssh_is_not",
     }
-    assert failed == expected, f"unexpected: {failed - expected}, missed: {expected - failed}"
     messages = {name: msg for name, (_, msg) in outcomes.items()}
+    unexpected = {name: messages[name][-1500:] for name in failed - expected}
+    assert failed == expected, f"unexpected: {unexpected}, missed: {expected - failed}"
     assert "swap is active on the instance" in messages["test_no_active_swap"]
     assert "/etc/fstab mounts swap" in messages["test_no_swap_in_fstab"]
     assert "70-persistent-net.rules exists" in messages["test_no_persistent_net_rules"]

@@ -32,6 +32,10 @@ Type=oneshot
 ExecStart=/usr/bin/ssh-keygen -A
 ExecStartPost=-/bin/systemctl reload ssh.service
 RemainAfterExit=yes
+# Background work: never starve sshd or the first login of CPU.
+Nice=19
+CPUSchedulingPolicy=idle
+IOSchedulingClass=idle
 
 [Install]
 WantedBy=multi-user.target
