@@ -128,6 +128,7 @@ class Hypervisor:
         _silence_libvirt_stderr()
         if self.embedded:
             self._embed_root = process_embed_root()
+            self._restore_caps()
         try:
             self._conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
@@ -136,11 +137,44 @@ class Hypervisor:
             raise HypervisorError(f"cannot open libvirt at {self.uri}: {exc.get_error_message()} ({hint})") from None
         log.debug("libvirt connection open: %s", self.uri)
 
+    def _caps_dirs(self) -> tuple[Path, Path] | None:
+        if self._embed_root is None or self.cache_dir is None:
+            return None
+        return self._embed_root / "cache" / "qemu" / "capabilities", self.cache_dir / "libvirt-caps"
+
+    def _restore_caps(self) -> None:
+        """Seed a fresh embed root with QEMU capabilities probed by an earlier run.
+
+        Probing them costs seconds per process; libvirt re-probes by itself when the cached
+        file no longer matches the QEMU binary or libvirt's version.
+        """
+        dirs = self._caps_dirs()
+        if dirs is None or not dirs[1].is_dir():
+            return
+        live, saved = dirs
+        live.mkdir(parents=True, exist_ok=True)
+        for xml in saved.glob("*.xml"):
+            if not (live / xml.name).exists():
+                shutil.copyfile(xml, live / xml.name)
+
+    def _save_caps(self) -> None:
+        dirs = self._caps_dirs()
+        if dirs is None or not dirs[0].is_dir():
+            return
+        live, saved = dirs
+        saved.mkdir(parents=True, exist_ok=True)
+        for xml in live.glob("*.xml"):
+            tmp = saved / f".{xml.name}.{os.getpid()}.tmp"
+            shutil.copyfile(xml, tmp)
+            os.replace(tmp, saved / xml.name)
+
     def close(self) -> None:
         with self._lock:
             names = list(self._domains)
         for name in names:
             self.destroy(name)
+        with contextlib.suppress(OSError):
+            self._save_caps()
         if self._conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
