@@ -44,6 +44,9 @@ GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=
 GRUB_TERMINAL="serial console"
 GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 GRUB_DISABLE_OS_PROBER=true
+# Recovery mode asks for root's password, which the image locks: its entries could never be used.
+GRUB_DISABLE_RECOVERY=true
+GRUB_DISABLE_SUBMENU=y
 """
 
 
