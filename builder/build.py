@@ -6,7 +6,6 @@ private work directory; everything common to all methods lives here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -25,6 +24,7 @@ from filelock import FileLock
 
 from builder import __version__
 from builder.errors import BuildError, KickgateError
+from builder.fsutil import atomic_write_text
 from builder.hypervisor import Accel, Hypervisor
 from builder.provenance import git_state, sha256_file
 from builder.recipe import Recipe
@@ -223,19 +223,6 @@ def convert(src: Path, src_format: str, dst: Path, recipe: Recipe) -> None:
     run([*argv, str(src), str(dst)], timeout=900)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
 
 def load_artifact(directory: Path) -> Artifact:
     record = BuildRecord.from_json((directory / RECORD_NAME).read_text())
@@ -297,7 +284,7 @@ def _build_uncached(recipe: Recipe, hypervisor: Hypervisor, options: BuildOption
             image_format=recipe.disk.format, image_sha256=digest, image_size=(out / image_name).stat().st_size,
             virtual_size_mib=recipe.disk.size_mib, serial_log=serial.name, build_mac=result.build_mac,
             domain_type=result.domain_type, packages=result.packages, extra=dict(result.extra))
-        _atomic_write(out / RECORD_NAME, record.to_json())
+        atomic_write_text(out / RECORD_NAME, record.to_json())
         if final.exists():
             shutil.rmtree(final)
         os.replace(out, final)

@@ -33,6 +33,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from builder.errors import RegistryError
+from builder.fsutil import fsync_dir, fsync_file
 from builder.provenance import sha256_file
 from builder.registry.base import Registered, Registration
 
@@ -142,7 +143,7 @@ class LocalRegistry:
             stored = tmp / image_name
             try:
                 shutil.copyfile(reg.image_path, stored)
-                _fsync_file(stored)
+                fsync_file(stored)
             except OSError as e:
                 raise RegistryError(f"cannot copy {reg.image_path} into {name_dir}: {e.strerror or e}") from None
             copied = sha256_file(stored)
@@ -163,9 +164,9 @@ class LocalRegistry:
             }
             _write_json_atomic(tmp / RECORD, record)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users (and oned) may read images
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(name_dir)
+            fsync_dir(name_dir)
         except OSError as e:
             raise RegistryError(f"cannot register {reg.name} in {name_dir}: {e.strerror or e}") from None
         finally:
@@ -201,7 +202,7 @@ class LocalRegistry:
         try:
             os.symlink(target, tmp_link)
             os.replace(tmp_link, link)
-            _fsync_dir(name_dir)
+            fsync_dir(name_dir)
         except OSError as e:
             # the version itself is complete and registered; readers resolve "latest" without the link
             log.warning("could not point %s at version %s: %s", link, target, e.strerror or e)
@@ -339,20 +340,6 @@ def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # best effort: some filesystems refuse fsync on directories
-    with contextlib.suppress(OSError):
-        _fsync_file(path)
 
 
 __all__ = ["LATEST", "RECORD", "LocalRegistry", "default_registry_dir"]

@@ -45,6 +45,8 @@ import requests
 from pyone.server_xrpc import RequestsTransport
 
 from builder.errors import RegistryError
+from builder.fsutil import fsync_dir
+from builder.provenance import sha256_file
 from builder.registry.base import Registered, Registration
 
 log = logging.getLogger(__name__)
@@ -827,14 +829,14 @@ class OpenNebulaRegistry:
             if src_hash.hexdigest() != reg.sha256.lower():
                 raise RegistryError(f"{reg.image_path} changed since it was verified: sha256 is "
                                     f"{src_hash.hexdigest()}, expected {reg.sha256}")
-            copy_hash = _sha256_file(Path(tmp_name))
+            copy_hash = sha256_file(Path(tmp_name))
             if copy_hash != reg.sha256.lower():
                 raise RegistryError(f"the published copy {tmp_name} of {reg.image_path} is "
                                     f"corrupt (sha256 {copy_hash}, expected {reg.sha256})")
             os.chmod(tmp_name, 0o644)  # oned's user must be able to read it
             os.replace(tmp_name, dest)
             tmp_name = None
-            _fsync_dir(pdir)
+            fsync_dir(pdir)
         except OSError as e:
             raise RegistryError(f"cannot publish {reg.image_path} to {pdir}: "
                                 f"{e.strerror or e}") from None
@@ -880,23 +882,6 @@ def _free_name(name: str, taken: set[str]) -> str:
     while f"{name}-{n}" in taken:
         n += 1
     return f"{name}-{n}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:
