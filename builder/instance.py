@@ -16,7 +16,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -78,7 +78,7 @@ class Instance:
 
     def __init__(self, hypervisor: Hypervisor, image: Path, image_format: str, *, label: str,
                  options: InstanceOptions | None = None, avoid_mac: str | None = None,
-                 domain_type: str | None = None) -> None:
+                 domain_type: str | None = None, on_stop: Callable[[Instance], None] | None = None) -> None:
         self.hv = hypervisor
         self.image = image
         self.image_format = image_format
@@ -86,6 +86,7 @@ class Instance:
         self.options = options or InstanceOptions()
         self.avoid_mac = (avoid_mac or "").lower()
         self._domain_type = domain_type
+        self.on_stop = on_stop  # runs before the files are removed (e.g. to keep a failed boot's log)
         self.name = f"kg-{label[:24]}-{uuid.uuid4().hex[:6]}"
         self.hostname = self.options.hostname or f"kg-{uuid.uuid4().hex[:8]}"
         self.workdir: Path | None = None
@@ -302,6 +303,11 @@ class Instance:
     def stop(self) -> None:
         keep = self.options.keep == "always" or (self.options.keep == "on-failure" and self.failed)
         self._close_ssh()
+        if self.on_stop is not None and self.workdir is not None:
+            try:
+                self.on_stop(self)
+            except Exception as exc:  # a failing observer must not stop the teardown
+                log.warning("%s: teardown hook failed: %s", self.name, exc)
         if keep and self._dom is not None and self.hv.is_active(self._dom):
             self.kept = True
             log.warning("%s kept for inspection: %s  (serial log %s; destroy it with Ctrl-C of this run "

@@ -248,7 +248,8 @@ class KickgateSession:
     def new_instance(self, image: ImageUnderTest, label: str, **opts: Any) -> Instance:
         options = InstanceOptions(keep=self.opts.keep, boot_timeout_s=self.opts.boot_timeout, **opts)
         return Instance(self.hypervisor, image.path, image.format, label=label, options=options,
-                        avoid_mac=image.build_mac, domain_type=self.hypervisor.domain_type())
+                        avoid_mac=image.build_mac, domain_type=self.hypervisor.domain_type(),
+                        on_stop=lambda inst: self._save_instance_log(image.name, inst))
 
     def start_spare(self, image: ImageUnderTest) -> None:
         """Start booting the second instance a clone spec will ask for, so both boot in parallel."""
@@ -280,7 +281,6 @@ class KickgateSession:
             inst.failed = True
             raise
         finally:
-            self._save_instance_log(image.name, inst)
             if state.current is inst:
                 state.current = None
             if inst.kept:
@@ -288,12 +288,11 @@ class KickgateSession:
             self._check_base_unchanged(image)
 
     def _save_instance_log(self, name: str, inst: Instance) -> None:
+        """A failed instance's serial log goes to --artifacts-dir before its files are removed."""
         if self.opts.artifacts_dir is None or not inst.failed or inst.serial_log is None:
             return
-        with contextlib.suppress(OSError):
-            dst = self.opts.artifacts_dir / name
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(inst.serial_log, dst / f"instance-{inst.name}-serial.log")
+        if inst.serial_log.is_file():
+            copy_into(inst.serial_log, self.opts.artifacts_dir / name, f"instance-{inst.name}-serial.log")
 
     def _check_base_unchanged(self, image: ImageUnderTest) -> None:
         now = sha256_file(image.path)

@@ -170,7 +170,7 @@ def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Pat
             (kept_cache / entry.name).symlink_to(entry)
     res = run_specs(repo_root, kept_cache, "--recipes", str(root), "--image", "no-context",
                     "--registry-dir", str(tmp_path / "registry"), f"--junitxml={junit}", "-k", "not clones",
-                    "--keep-instance", "on-failure")
+                    "--keep-instance", "on-failure", "--artifacts-dir", str(tmp_path / "artifacts"))
     try:
         assert res.returncode == 1, res.stdout[-6000:]
         outcomes = junit_outcomes(junit)
@@ -179,6 +179,8 @@ def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Pat
         assert "InstanceError" in message and "reached: login prompt" in message
         assert "contextualization did not configure the network" in message
         assert "NOT registered" in res.stdout
+        logs = list((tmp_path / "artifacts" / "no-context").glob("instance-kg-no-context-*-serial.log"))
+        assert len(logs) == 1 and "login:" in logs[0].read_text(errors="replace"), "failed boot's log not kept"
         # The failed instance outlives the run for a person to inspect, and says how to reach it.
         assert "kept kg-no-context-" in res.stdout and "ssh -F " in res.stdout
         records = list((kept_cache / "kept").glob("*.json"))
