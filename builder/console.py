@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 serial_log = logging.getLogger("kickgate.serial")  # one line per guest console line, DEBUG
 
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r")
+ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r")
 
 
 class Outcome(enum.Enum):
@@ -58,7 +58,7 @@ class Watch:
         text = self._partial + self._decoder.decode(chunk)
         parts = text.split("\n")
         self._partial = parts.pop()
-        lines = [_ANSI_RE.sub("", p) for p in parts]
+        lines = [ANSI_RE.sub("", p) for p in parts]
         for line in lines:
             self.tail.append(line)
             serial_log.debug("%s", line)
@@ -68,7 +68,7 @@ class Watch:
     def tail_lines(self, n: int = 40) -> list[str]:
         lines = list(self.tail)
         if self._partial.strip():
-            lines.append(_ANSI_RE.sub("", self._partial))
+            lines.append(ANSI_RE.sub("", self._partial))
         return lines[-n:]
 
 
@@ -112,7 +112,7 @@ def watch(dom: Any, is_active: Callable[[Any], bool], serial: Path, *, timeout: 
                         w.matched = line
                         return Outcome.MATCHED, w
             # A prompt ("login: ") is never followed by a newline: match the unfinished line too.
-            pending = _ANSI_RE.sub("", w._partial)
+            pending = ANSI_RE.sub("", w._partial)
             for rx in wait_for_res:
                 if pending and rx.search(pending):
                     w.matched = pending

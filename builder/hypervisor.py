@@ -23,6 +23,7 @@ from typing import Any, Literal
 import libvirt
 
 from builder.errors import CommandError, HypervisorError
+from builder.fsutil import atomic_copy, atomic_write_text
 from builder.run import run
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,7 @@ class Hypervisor:
         live, saved = dirs
         saved.mkdir(parents=True, exist_ok=True)
         for xml in live.glob("*.xml"):
-            tmp = saved / f".{xml.name}.{os.getpid()}.tmp"
-            shutil.copyfile(xml, tmp)
-            os.replace(tmp, saved / xml.name)
+            atomic_copy(xml, saved / xml.name)
 
     def close(self) -> None:
         with self._lock:
@@ -225,9 +224,7 @@ class Hypervisor:
         kept = self.cache_dir / "kept"
         kept.mkdir(parents=True, exist_ok=True)
         path = kept / f"{name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(record) + "\n")
         return path
 
     def is_active(self, dom: Any) -> bool:
@@ -323,9 +320,7 @@ def detect_domain_type(accel: Accel, probe_kernel: Path | None, cache_dir: Path 
              "passed" if ok else "failed: guests hang or abort under KVM here", time.monotonic() - started)
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(result)
-        os.replace(tmp, marker)
+        atomic_write_text(marker, result)
     return result
 
 

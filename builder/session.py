@@ -9,7 +9,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import shutil
 import time
 import urllib.request
@@ -23,6 +22,7 @@ import pytest
 from builder import __version__
 from builder.build import Artifact, BuildOptions, BuildRecord, build_image, default_cache_dir
 from builder.errors import KickgateError, RegistryError
+from builder.fsutil import atomic_copy, atomic_write_text
 from builder.gate import SpecResults, Verdict, decide, specs_attribute
 from builder.hypervisor import Hypervisor
 from builder.instance import Instance, InstanceOptions, KeepPolicy
@@ -419,9 +419,7 @@ class KickgateSession:
                                "boot_to_ssh_seconds": state.boot_seconds, "specs_seconds": state.spec_seconds,
                                "register_seconds": state.register_seconds},
                    "sha256": state.image.sha256 if state.image else None}
-        tmp = dst / ".gate.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        os.replace(tmp, dst / "gate.json")
+        atomic_write_text(dst / "gate.json", json.dumps(summary, indent=2, default=str) + "\n")
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -463,11 +461,9 @@ class KickgateSession:
             self._hv = None
 
 
-def copy_into(src: Path, dst_dir: Path, name: str | None = None) -> None:
+def copy_into(src: Path, dst_dir: Path, name: str) -> None:
     dst_dir.mkdir(parents=True, exist_ok=True)
-    tmp = dst_dir / f".{name or src.name}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst_dir / (name or src.name))
+    atomic_copy(src, dst_dir / name)
 
 
 def registration_for(image: ImageUnderTest, results: SpecResults, root: Path) -> Registration:

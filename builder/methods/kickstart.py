@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.build import BuildContext, MethodResult
-from builder.console import Outcome, Watch, watch
+from builder.console import ANSI_RE, Outcome, Watch, watch
 from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
 from builder.errors import BuildError, RecipeError
 from builder.initrd import inject_kickstart
@@ -78,7 +78,6 @@ _PROGRESS_RE = re.compile(
     r"Setting up the installation environment|Installation complete|Running in cmdline mode|"
     r"Installing \S+ \(\d+/\d+\))")
 _PKG_PROGRESS_RE = re.compile(r"Installing \S+ \((\d+)/(\d+)\)")
-_ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\r")
 _PKG_LINE_RE = re.compile(rf"^{re.escape(MARKERS.pkg)}\s+(\S+)\s+(\S+)\s*$")
 
 
@@ -307,7 +306,7 @@ def _read_serial(path: Path) -> str:
         raw = path.read_bytes()
     except FileNotFoundError:
         return ""
-    return _ANSI_RE.sub("", raw.decode("utf-8", errors="replace"))
+    return ANSI_RE.sub("", raw.decode("utf-8", errors="replace"))
 
 
 def parse_packages(serial_text: str) -> tuple[tuple[str, str], ...]:
