@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pycdlib
 
+from builder.fsutil import atomic_output
+
 VOLUME_ID = "CONTEXT"
 
 
@@ -47,9 +49,8 @@ def write_context_iso(path: Path, values: Mapping[str, str], files: Mapping[str,
                 raise ValueError(f"two context files map to the same ISO9660 name {iso_name}")
             seen.add(iso_name)
             iso.add_fp(io.BytesIO(data), len(data), iso_name, rr_name=rr, joliet_path=joliet)
-        tmp = path.with_name(path.name + ".tmp")
-        iso.write(str(tmp))
-        tmp.replace(path)
+        with atomic_output(path, 0o600) as tmp:
+            iso.write(str(tmp))
     finally:
         iso.close()
 

@@ -55,6 +55,16 @@ class BuildError(KickgateError):
         return msg
 
 
+class IntegrityError(KickgateError):
+    """Bytes are not the bytes they were checked to be."""
+
+    def __init__(self, path: object, expected: str, actual: str, what: str) -> None:
+        self.path = str(path)
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"{self.path} {what}: sha256 is {actual}, expected {expected}")
+
+
 class HypervisorError(KickgateError):
     """libvirt/QEMU could not be reached or refused a domain."""
 

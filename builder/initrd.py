@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from builder.fsutil import atomic_output
+
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 _HEADER_LEN = 110  # 6 bytes magic + 13 fields of 8 hex digits
@@ -93,18 +95,14 @@ def newc_archive(entries: Iterable[CpioEntry], first_ino: int = 721) -> bytes:
 def append_archive(src: Path, dst: Path, entries: Iterable[CpioEntry]) -> int:
     """Copy the initrd src to dst and append a newc archive of entries; return its offset in dst."""
     archive = newc_archive(entries)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    try:
+    # 0600: the appended kickstart may carry a password hash.
+    with atomic_output(dst, 0o600) as tmp:
         shutil.copyfile(src, tmp)
         with open(tmp, "r+b") as f:
             end = f.seek(0, os.SEEK_END)
             f.write(_pad4(end))
             offset = f.tell()
             f.write(archive)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return offset
 
 

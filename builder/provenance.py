@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +41,3 @@ def git_state(path: Path) -> GitState:
     status = run(["git", "-C", top, "status", "--porcelain"], timeout=30, check=False).stdout
     return GitState(repo=name, revision=revision, dirty=bool(status.strip()) or not revision)
 
-
-def sha256_file(path: Path, bufsize: int = 4 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -118,12 +118,13 @@ def test_bytes_changed_after_test(root: Path, make_reg: MakeReg) -> None:
 
 def test_keyboard_interrupt_mid_copy_leaves_nothing(root: Path, make_reg: MakeReg,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    def half_copy(src: Path, dst: Path, **_: object) -> None:
-        Path(dst).write_bytes(Path(src).read_bytes()[:1000])
+    def interrupted(path: Path) -> str:
+        # Called on the freshly written temp copy, before it is renamed into place.
+        assert Path(path).stat().st_size > 0
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr("shutil.copyfile", half_copy)
+        m.setattr("builder.fsutil.sha256_file", interrupted)
         with pytest.raises(KeyboardInterrupt):
             LocalRegistry(root).register(make_reg())
     assert _entries(root / "web") == []
@@ -132,14 +133,32 @@ def test_keyboard_interrupt_mid_copy_leaves_nothing(root: Path, make_reg: MakeRe
     assert LocalRegistry(root).register(make_reg()).version == "1"
 
 
-def test_copy_failure_is_a_registry_error(root: Path, make_reg: MakeReg, monkeypatch: pytest.MonkeyPatch) -> None:
-    def full_disk(src: Path, dst: Path, **_: object) -> None:
-        raise OSError(28, "No space left on device")
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 1 MiB filesystem, so a full disk is the kernel's ENOSPC, not a simulation."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
-    monkeypatch.setattr("shutil.copyfile", full_disk)
-    with pytest.raises(RegistryError, match="No space left on device"):
-        LocalRegistry(root).register(make_reg())
-    assert _leftovers(root / "web") == []
+
+def test_full_disk_is_one_clear_error_and_leaves_the_registry_as_it_was(small_fs: Path, tmp_path: Path) -> None:
+    def registration(seed: str, size: int) -> Registration:
+        img = _image(tmp_path / f"{seed}.qcow2", seed, size)
+        return Registration(name="web", image_path=img, sha256=_sha(img), size=size, format="qcow2",
+                            public=False, attributes=ATTRS)
+
+    registry = LocalRegistry(small_fs / "registry")
+    first = registry.register(registration("small", 64 * 1024))
+    before = sorted(p.relative_to(small_fs) for p in small_fs.rglob("*"))
+    with pytest.raises(RegistryError, match="No space left on device") as err:
+        registry.register(registration("big", 2 * 1024 * 1024))
+    assert len(str(err.value).splitlines()) == 1
+    assert sorted(p.relative_to(small_fs) for p in small_fs.rglob("*")) == before
+    assert [(e.name, e.version) for e in registry.list()] == [("web", first.version)]
 
 
 def test_leftovers_of_a_killed_run_are_removed(root: Path, make_reg: MakeReg) -> None:
@@ -210,7 +229,7 @@ def _check_all_intact(root: Path) -> None:
     registry = LocalRegistry(root)
     for entry in registry.list():
         assert _sha(Path(entry.location)) == entry.sha256
-        assert registry.record(entry.name, entry.version)["version"] == int(entry.version)
+        assert registry.get(entry.name, entry.version).details["version"] == int(entry.version)
     for name_dir in root.iterdir():
         assert _leftovers(name_dir) == []
 
@@ -245,7 +264,7 @@ def test_processes_racing_with_the_same_bytes_register_once(root: Path, make_reg
     results = _register_concurrently(root, [reg, reg, reg], tmp_path / "go")
     assert {r["version"] for r in results} == {"1"}
     assert sorted(bool(r["reused"]) for r in results) == [False, True, True]
-    assert LocalRegistry(root).versions("web") == [1]
+    assert [e.version for e in LocalRegistry(root).list() if e.name == "web"] == ["1"]
 
 
 # -- list / get / record --------------------------------------------------------------------------------
@@ -263,16 +282,16 @@ def test_list_get_record(root: Path, make_reg: MakeReg) -> None:
 
     assert registry.get("web") == listed[2]
     assert registry.get("web", "1") == listed[1]
-    rec = registry.record("web", "1")
+    rec = registry.get("web", "1").details
     assert rec["version"] == 1 and rec["sha256"] == listed[1].sha256 and rec["image"] == "web.qcow2"
-    assert registry.record("web")["version"] == 2
+    assert registry.get("web").details["version"] == 2
 
     with pytest.raises(RegistryError, match=f"no image nothere in {root}"):
         registry.get("nothere")
     with pytest.raises(RegistryError, match="web has no version 7; versions: 1, 2"):
         registry.get("web", "7")
     with pytest.raises(RegistryError, match="web has no version v1; versions: 1, 2"):
-        registry.record("web", "v1")
+        registry.get("web", "v1")
 
 
 def test_corrupt_record(root: Path, make_reg: MakeReg, caplog: pytest.LogCaptureFixture) -> None:
@@ -287,7 +306,7 @@ def test_corrupt_record(root: Path, make_reg: MakeReg, caplog: pytest.LogCapture
     with pytest.raises(RegistryError, match=str(broken)):
         registry.get("web", "1")
     with pytest.raises(RegistryError, match=str(broken)):
-        registry.record("web", "1")
+        registry.get("web", "1")
     assert registry.get("web").version == "2"
 
     # a well-formed record describing another version is corrupt as well

@@ -32,9 +32,8 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from builder.errors import RegistryError
-from builder.fsutil import fsync_dir, fsync_file
-from builder.provenance import sha256_file
+from builder.errors import IntegrityError, RegistryError
+from builder.fsutil import atomic_copy, atomic_write_json, fsync_dir, sha256_file
 from builder.registry.base import Registered, Registration
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,9 @@ TMP_PREFIX = ".tmp-"
 DEFAULT_LOCK_TIMEOUT = 1800.0  # copying a multi-GiB image can take a while; a dead holder frees the lock at once
 
 # Names and formats become path components: no separators, no leading dot (dot-entries are ours).
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_FORMAT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+_FORMAT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _RECORD_KEYS = ("name", "version", "sha256", "size", "format", "public", "registered_at", "image", "attributes")
 
 
@@ -88,10 +87,10 @@ class LocalRegistry:
     # -- register -------------------------------------------------------------------------------
     def register(self, reg: Registration) -> Registered:
         name_dir = self._name_dir(reg.name)
-        if not _FORMAT_RE.match(reg.format):
+        if not _FORMAT_RE.fullmatch(reg.format):
             raise RegistryError(f"invalid image format {reg.format!r} for {reg.name}")
         sha = reg.sha256.lower()
-        if not _SHA256_RE.match(sha):
+        if not _SHA256_RE.fullmatch(sha):
             raise RegistryError(f"invalid sha256 {reg.sha256!r} for {reg.name}")
         if not reg.image_path.is_file():
             raise RegistryError(f"cannot register {reg.name}: image file {reg.image_path} does not exist")
@@ -126,7 +125,11 @@ class LocalRegistry:
             except RegistryError as e:
                 log.warning("ignoring %s", e)
                 continue
-            if rec["sha256"].lower() == sha and (name_dir / str(v) / rec["image"]).is_file():
+            stored = name_dir / str(v) / rec["image"]
+            if rec["sha256"].lower() == sha and stored.is_file():
+                if sha256_file(stored) != sha:
+                    raise RegistryError(f"{stored} no longer has the sha256 its record names ({sha}): the registry "
+                                        f"copy was modified; remove {name_dir / str(v)} and register again")
                 log.info("%s is already registered with sha256 %s as local version %d in %s: nothing to do",
                          reg.name, sha[:12], v, self.root)
                 self._point_latest(name_dir, max(versions))  # repair it if an earlier run died before
@@ -139,18 +142,18 @@ class LocalRegistry:
         except OSError as e:
             raise RegistryError(f"cannot create a temporary dir in {name_dir}: {e.strerror or e}") from None
         final = name_dir / str(version)
+        # Readable by others only when the image is PUBLIC; otherwise the owner and its group (which
+        # is how a front-end's service account is given access).
+        file_mode, dir_mode = (0o644, 0o755) if reg.public else (0o640, 0o750)
         try:
             stored = tmp / image_name
             try:
-                shutil.copyfile(reg.image_path, stored)
-                fsync_file(stored)
+                atomic_copy(reg.image_path, stored, mode=file_mode, expect_sha256=sha)
+            except IntegrityError as e:
+                raise RegistryError(f"the bytes of {reg.image_path} changed since they were tested ({e}); nothing "
+                                    "was registered (run the gate again)") from None
             except OSError as e:
                 raise RegistryError(f"cannot copy {reg.image_path} into {name_dir}: {e.strerror or e}") from None
-            copied = sha256_file(stored)
-            if copied != sha:
-                raise RegistryError(f"the bytes of {reg.image_path} changed since they were tested: sha256 is now "
-                                    f"{copied}, the tested image had {sha}; nothing was registered (run the gate "
-                                    "again)")
             record: dict[str, Any] = {
                 "name": reg.name,
                 "version": version,
@@ -162,8 +165,8 @@ class LocalRegistry:
                 "image": image_name,
                 "attributes": [[k, v] for k, v in reg.attributes],
             }
-            _write_json_atomic(tmp / RECORD, record)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users (and oned) may read images
+            atomic_write_json(tmp / RECORD, record, mode=file_mode)
+            os.chmod(tmp, dir_mode)  # mkdtemp makes it 0700
             fsync_dir(tmp)
             os.rename(tmp, final)
             fsync_dir(name_dir)
@@ -220,7 +223,7 @@ class LocalRegistry:
         except OSError as e:
             raise RegistryError(f"cannot read registry dir {self.root}: {e.strerror or e}") from None
         for name_dir in entries:
-            if name_dir.name.startswith(".") or not name_dir.is_dir() or not _NAME_RE.match(name_dir.name):
+            if name_dir.name.startswith(".") or not name_dir.is_dir() or not _NAME_RE.fullmatch(name_dir.name):
                 continue
             for v in _versions(name_dir):
                 try:
@@ -239,14 +242,6 @@ class LocalRegistry:
             raise RegistryError(f"the image file {image} of {name} version {vdir.name} is missing")
         return self._registered(vdir, rec, reused=False)
 
-    def record(self, name: str, version: str = "latest") -> dict[str, Any]:
-        """The parsed record.json of one version of name (for ``kickgate show NAME[@VERSION]``)."""
-        return self._lookup(name, version)[1]
-
-    def versions(self, name: str) -> builtins.list[int]:
-        """Version numbers of name present on disk, ascending (records not checked)."""
-        return _versions(self._name_dir(name))
-
     def _lookup(self, name: str, version: str) -> tuple[Path, dict[str, Any]]:
         name_dir = self._name_dir(name)
         versions = _versions(name_dir)
@@ -262,15 +257,25 @@ class LocalRegistry:
         return name_dir / str(v), _read_record(name_dir / str(v) / RECORD, name, v)
 
     def _name_dir(self, name: str) -> Path:
-        if not _NAME_RE.match(name):
+        if not _NAME_RE.fullmatch(name):
             raise RegistryError(f"invalid image name {name!r} (letters, digits, '.', '_', '+', '-'; not starting "
                                 "with a dot)")
-        return self.root / name
+        path = self.root / name
+        # A symlinked or foreign name dir would let another user redirect or swap registered bytes.
+        if path.is_symlink():
+            raise RegistryError(f"{path} is a symbolic link; a registry name directory must be a real directory "
+                                "(remove the link)")
+        with contextlib.suppress(FileNotFoundError):
+            owner = path.stat().st_uid
+            if owner != os.getuid():
+                raise RegistryError(f"{path} belongs to uid {owner}, not to this user ({os.getuid()}); "
+                                    "register into a registry directory you own (--registry-dir)")
+        return path
 
     def _registered(self, vdir: Path, rec: Mapping[str, Any], reused: bool) -> Registered:
         return Registered(registry=self.kind, name=rec["name"], version=str(rec["version"]),
                           location=str(vdir / rec["image"]), sha256=rec["sha256"], reused=reused,
-                          attributes={k: v for k, v in rec["attributes"]})
+                          attributes={k: v for k, v in rec["attributes"]}, details=dict(rec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +320,7 @@ def _record_problem(data: object, name: str, version: int) -> str:
         return f"missing {', '.join(missing)}"
     if data["name"] != name or type(data["version"]) is not int or data["version"] != version:
         return f"it describes {data['name']!r} version {data['version']!r}, not {name} version {version}"
-    if not isinstance(data["sha256"], str) or not _SHA256_RE.match(data["sha256"].lower()):
+    if not isinstance(data["sha256"], str) or not _SHA256_RE.fullmatch(data["sha256"].lower()):
         return "sha256 is not a sha256"
     image = data["image"]
     if not isinstance(image, str) or not image or "/" in image or image.startswith("."):
@@ -325,21 +330,6 @@ def _record_problem(data: object, name: str, version: int) -> str:
             isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in attrs):
         return "attributes is not a list of [key, value] strings"
     return ""
-
-
-def _write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 __all__ = ["LATEST", "RECORD", "LocalRegistry", "default_registry_dir"]

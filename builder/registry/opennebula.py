@@ -1,6 +1,6 @@
 """The OpenNebula registry: publish a verified image where oned can read it, register it with pyone.
 
-What oned does with an image template (see DESIGN.md section 4 and oned's Image::insert):
+What oned does with an image template (see docs/opennebula.md and oned's Image::insert):
 
 - ``one.image.allocate(template, datastore_id)`` stats PATH at once (a missing or relative PATH
   fails the call), then leaves the image LOCKED while the datastore driver copies PATH; the image
@@ -24,12 +24,10 @@ including the text of pyone/xmlrpc/socket exceptions it wraps.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
 import stat
-import tempfile
 import time
 import xmlrpc.client
 from collections.abc import Mapping
@@ -44,9 +42,8 @@ import pyone
 import requests
 from pyone.server_xrpc import RequestsTransport
 
-from builder.errors import RegistryError
-from builder.fsutil import fsync_dir
-from builder.provenance import sha256_file
+from builder.errors import IntegrityError, RegistryError
+from builder.fsutil import atomic_copy
 from builder.registry.base import Registered, Registration
 
 log = logging.getLogger(__name__)
@@ -63,7 +60,6 @@ STATE_NAMES = {0: "INIT", 1: "READY", 2: "USED", 3: "DISABLED", 4: "LOCKED", 5: 
 _PENDING = {0, 4}  # INIT, LOCKED: the datastore is still copying
 _AVAILABLE = {1, 2, 8}  # READY, and READY but in use by VMs
 # Datastore types and states
-_DS_TYPES = {0: "IMAGE", 1: "SYSTEM", 2: "FILE"}
 
 # Template keys oned takes out of TEMPLATE (Image::insert); provenance keys colliding with them
 # are renamed. NAME, TYPE, PATH, FORMAT are set by us; PERSISTENT, DRIVER, DEV_PREFIX are real
@@ -816,33 +812,15 @@ class OpenNebulaRegistry:
         except OSError as e:
             raise RegistryError(f"cannot create the OpenNebula publish dir {pdir}: "
                                 f"{e.strerror or e}") from None
-        tmp_name: str | None = None
         try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=pdir)
-            src_hash = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(reg.image_path, "rb") as src:
-                for chunk in iter(lambda: src.read(1 << 20), b""):
-                    src_hash.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            if src_hash.hexdigest() != reg.sha256.lower():
-                raise RegistryError(f"{reg.image_path} changed since it was verified: sha256 is "
-                                    f"{src_hash.hexdigest()}, expected {reg.sha256}")
-            copy_hash = sha256_file(Path(tmp_name))
-            if copy_hash != reg.sha256.lower():
-                raise RegistryError(f"the published copy {tmp_name} of {reg.image_path} is "
-                                    f"corrupt (sha256 {copy_hash}, expected {reg.sha256})")
-            os.chmod(tmp_name, 0o644)  # oned's user must be able to read it
-            os.replace(tmp_name, dest)
-            tmp_name = None
-            fsync_dir(pdir)
+            # 0644: oned's user must be able to read it.
+            atomic_copy(reg.image_path, dest, mode=0o644, expect_sha256=reg.sha256)
+        except IntegrityError as e:
+            what = "changed since it was verified" if e.path == str(reg.image_path) else "was corrupted on publishing"
+            raise RegistryError(f"{e.path} {what}: sha256 {e.actual}, expected {e.expected}") from None
         except OSError as e:
             raise RegistryError(f"cannot publish {reg.image_path} to {pdir}: "
                                 f"{e.strerror or e}") from None
-        finally:
-            if tmp_name is not None:
-                _unlink_quietly(Path(tmp_name))
         log.info("published %s to %s (sha256 %s verified)", reg.image_path, dest, reg.sha256[:12])
 
     def _registered(self, img: _Image, reused: bool) -> Registered:
@@ -854,7 +832,9 @@ class OpenNebulaRegistry:
             attrs.setdefault("DATASTORE", img.datastore)
         return Registered(registry=self.kind, name=img.name, version=str(img.id),
                           location=f"{self._ep}#image/{img.id}", sha256=img.sha256,
-                          reused=reused, attributes=attrs)
+                          reused=reused, attributes=attrs,
+                          details={"id": img.id, "name": img.name, "state": img.state_name,
+                                   "template": dict(img.template)})
 
     # -- list -----------------------------------------------------------------------------------
     def list(self) -> list[Registered]:
@@ -862,6 +842,16 @@ class OpenNebulaRegistry:
         images = [_to_image(i) for i in pool.IMAGE or []]
         return [self._registered(i, reused=False) for i in images
                 if "KICKGATE_VERSION" in i.template]
+
+    def get(self, name: str, version: str = "latest") -> Registered:
+        """name (or one of its versioned names, name-vN) at an image ID, or the newest of them."""
+        family = [e for e in self.list() if e.name == name or _version_of(e.name, name)]
+        if version != "latest":
+            family = [e for e in family if e.version == version]
+        if not family:
+            at = "" if version == "latest" else f" with image ID {version}"
+            raise RegistryError(f"no image {name}{at} registered by kickgate in OpenNebula at {self._ep}")
+        return max(family, key=lambda e: int(e.version))
 
 
 # ---------------------------------------------------------------------------------------------
