@@ -1,13 +1,15 @@
 """Build one recipe into a cached artifact: cache lookup, method, convert, checksum, record.
 
-A build method (builder/methods/*.py) only turns a recipe into a raw or qcow2 disk inside a
-private work directory; everything common to all methods lives here.
+A build method (builder/methods/*.py, contract in builder/method.py) only turns a recipe into a raw
+or qcow2 disk inside a private work directory; everything common to all methods lives here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -16,17 +18,18 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from filelock import FileLock
 
 from builder import __version__
 from builder.errors import BuildError, KickgateError
-from builder.fsutil import atomic_write_text
-from builder.hypervisor import Accel, Hypervisor
-from builder.provenance import git_state, sha256_file
+from builder.fsutil import atomic_write_text, private_key_file, sha256_file
+from builder.hypervisor import Hypervisor
+from builder.method import PACKAGE_DIR, BuildContext, BuildOptions, Method, code_files, get_method
+from builder.provenance import git_state
 from builder.recipe import Recipe
 from builder.run import run
 from builder.stages import Stages
@@ -34,38 +37,6 @@ from builder.stages import Stages
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "record.json"
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    cache_dir: Path
-    no_cache: bool = False
-    accel: Accel = "auto"
-    stream_console: bool = False  # serial lines at INFO on logger kickgate.serial
-    location: str | None = None  # kickstart: install source override
-
-
-@dataclass
-class BuildContext:
-    """What a build method gets. workdir is private and removed after the build."""
-
-    recipe: Recipe
-    workdir: Path
-    hypervisor: Hypervisor
-    serial_log: Path
-    stages: Stages
-    options: BuildOptions
-    on_console_line: Callable[[str], None] | None = None
-
-
-@dataclass(frozen=True)
-class MethodResult:
-    disk: Path
-    disk_format: Literal["raw", "qcow2"]
-    build_mac: str
-    domain_type: str
-    packages: tuple[tuple[str, str], ...] = ()
-    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,78 +98,90 @@ class Artifact:
         return self.dir / self.record.serial_log
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("KICKGATE_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "kickgate"
-
-
 # --------------------------------------------------------------------------- cache keys
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    """Content hash of everything the recipe consists of (paths relative to the recipe's root)."""
-    h = hashlib.sha256()
+def _file_facts(path: Path, root: Path) -> dict[str, Any]:
+    try:
+        rel = str(path.relative_to(root))
+    except ValueError:
+        rel = path.name
+    return {"path": rel, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+            "exec": os.access(path, os.X_OK)}
+
+
+def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
+    """The parsed recipe, defaults included, with every file it names replaced by its content facts.
+
+    Only what shapes the image is in it: a comment in image.toml, a file's mtime or where the
+    repository is checked out change nothing; a default in recipe.py, a script's content or exec
+    bit do.
+    """
     root = recipe.dir.parent.parent
-    for path in recipe.input_files():
-        try:
-            rel = path.relative_to(root)
-        except ValueError:
-            rel = Path(path.name)
-        h.update(str(rel).encode() + b"\0")
-        h.update(hashlib.sha256(path.read_bytes()).digest())
-        h.update(b"\1" if os.access(path, os.X_OK) else b"\0")
-    return h.hexdigest()
+
+    def norm(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: norm(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return _file_facts(value, root) if value.is_file() else "<dir>"
+        if isinstance(value, dict):
+            return {k: norm(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [norm(v) for v in value]
+        return value
+
+    data = {f.name: norm(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != "path"}
+    # Files a kickstart template may include, beside the template itself.
+    data["includes"] = [_file_facts(p, root) for p in recipe.input_files() if p != recipe.path]
+    return data
 
 
-_TOOL_ARGV = {
-    "mmdebstrap": ["mmdebstrap", "--version"],
-    "qemu-img": ["qemu-img", "--version"],
-    "qemu-system-x86_64": ["qemu-system-x86_64", "--version"],
-    "mke2fs": ["mke2fs", "-V"],
-}
+def recipe_hash(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe_fingerprint(recipe), sort_keys=True).encode()).hexdigest()
 
 
-def tool_versions(method: str) -> dict[str, str]:
-    names = ["qemu-img", "qemu-system-x86_64"]
-    if method == "bootstrap":
-        names += ["mmdebstrap", "mke2fs"]
+_VERSION_ARGV = {"mke2fs": ["mke2fs", "-V"]}
+
+
+def tool_versions(method: Method) -> dict[str, str]:
     out = {}
-    for name in names:
-        res = run(_TOOL_ARGV[name], timeout=20, check=False)
-        first = next((ln for ln in res.stdout.splitlines() if ln.strip()), "missing")
-        out[name] = first.strip()
+    for name in ("qemu-img", "qemu-system-x86_64", *method.tools):
+        res = run(_VERSION_ARGV.get(name, [name, "--version"]), timeout=20, check=False)
+        # Some tools (mke2fs -V) print their version on stderr.
+        text = res.stdout if res.stdout.strip() else res.stderr
+        out[name] = next((ln.strip() for ln in text.splitlines() if ln.strip()), "missing")
     return out
 
 
-def method_code_hash(method: str) -> str:
-    """The build method's own code and data: a change to how images are made invalidates the cache."""
-    here = Path(__file__).parent
+def method_code_hash(method: Method, package: Path = PACKAGE_DIR) -> str:
+    """The method's code and data: a change to how images are made invalidates the cache."""
     h = hashlib.sha256()
-    own = {"bootstrap": ["disk.py"], "kickstart": ["render.py", "initrd.py", "installsource.py"]}[method]
-    for path in sorted([here / "build.py", here / "domain.py", *(here / name for name in own),
-                        *(here / "methods").glob(f"{method}*.py"), *(here / "data").glob(f"{method}*")]):
-        if path.is_file():
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in code_files(method, package):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()
 
 
-def _secret_inputs() -> bytes:
-    """Secrets shape the image (a root password hash) but must not be stored: hash them in."""
+SECRET_ENV_PREFIX = "KICKGATE_SECRET_"
+SECRET_ENV = ("KICKGATE_ROOTPW_HASH",)
+BUILD_KEY_NAME = "build-secret.key"
+
+
+def _secret_inputs(method: Method, cache_dir: Path, location: str | None) -> bytes:
+    """Secrets shape the image but must not be recoverable from the record: an HMAC under a key
+    that never leaves the build machine (0600 in the cache), not a bare hash open to a dictionary."""
     items = sorted((k, v) for k, v in os.environ.items()
-                   if k == "KICKGATE_ROOTPW_HASH" or k.startswith("KICKGATE_SECRET_"))
-    return hashlib.sha256(json.dumps(items).encode()).digest()
+                   if method.uses_secrets and (k in SECRET_ENV or k.startswith(SECRET_ENV_PREFIX)))
+    key = private_key_file(cache_dir / BUILD_KEY_NAME)
+    # The install source override can carry credentials in its URL: keyed the same way.
+    return hmac.new(key, json.dumps([items, location or ""]).encode(), hashlib.sha256).digest()
 
 
-def cache_key(recipe: Recipe, tools: Mapping[str, str], location: str | None = None) -> str:
+def cache_key(recipe: Recipe, method: Method, tools: Mapping[str, str], cache_dir: Path,
+              location: str | None = None) -> str:
     h = hashlib.sha256()
     h.update(recipe_hash(recipe).encode())
-    h.update(f"location={location or ''}".encode())
-    if recipe.method == "kickstart":
-        h.update(_secret_inputs())
-    h.update(method_code_hash(recipe.method).encode())
+    h.update(_secret_inputs(method, cache_dir, location))
+    h.update(method_code_hash(method).encode())
     h.update(json.dumps(dict(tools), sort_keys=True).encode())
     return h.hexdigest()
 
@@ -206,22 +189,11 @@ def cache_key(recipe: Recipe, tools: Mapping[str, str], location: str | None = N
 # --------------------------------------------------------------------------- building
 
 
-def _run_method(ctx: BuildContext) -> MethodResult:
-    if ctx.recipe.method == "bootstrap":
-        from builder.methods import bootstrap
-
-        return bootstrap.build(ctx)
-    from builder.methods import kickstart
-
-    return kickstart.build(ctx)
-
-
 def convert(src: Path, src_format: str, dst: Path, recipe: Recipe) -> None:
     argv: list[str] = ["qemu-img", "convert", "-f", src_format, "-O", recipe.disk.format]
     if recipe.disk.format == "qcow2" and recipe.disk.compression != "none":
         argv += ["-c", "-o", f"compression_type={recipe.disk.compression}"]
     run([*argv, str(src), str(dst)], timeout=900)
-
 
 
 def load_artifact(directory: Path) -> Artifact:
@@ -233,8 +205,9 @@ def build_image(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions,
                 on_console_line: Callable[[str], None] | None = None) -> Artifact:
     """Return the cached artifact for recipe, building it first if needed. xdist- and process-safe."""
     started = time.monotonic()
-    tools = tool_versions(recipe.method)
-    key = cache_key(recipe, tools, options.location)
+    method = get_method(recipe.method)
+    tools = tool_versions(method)
+    key = cache_key(recipe, method, tools, options.cache_dir, options.location)
     images_dir = options.cache_dir / "images" / recipe.name
     final = images_dir / key[:16]
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -246,11 +219,11 @@ def build_image(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions,
                 log.info("%s: cached %s (%.2fs)", recipe.name, art.image, elapsed)
                 return Artifact(dir=final, record=art.record, cached=True, seconds=elapsed)
             log.warning("%s: cached artifact in %s is incomplete; rebuilding", recipe.name, final)
-        art = _build_uncached(recipe, hypervisor, options, tools, key, final, started, on_console_line)
-        return art
+        return _build_uncached(recipe, method, hypervisor, options, tools, key, final, started, on_console_line)
 
 
-def _build_uncached(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions, tools: Mapping[str, str],
+def _build_uncached(recipe: Recipe, method: Method, hypervisor: Hypervisor, options: BuildOptions,
+                    tools: Mapping[str, str],
                     key: str, final: Path, started: float,
                     on_console_line: Callable[[str], None] | None) -> Artifact:
     tmp_root = options.cache_dir / "tmp"
@@ -267,7 +240,7 @@ def _build_uncached(recipe: Recipe, hypervisor: Hypervisor, options: BuildOption
         hypervisor.open()
         ctx = BuildContext(recipe=recipe, workdir=workdir, hypervisor=hypervisor, serial_log=serial,
                            stages=stages, options=options, on_console_line=on_console_line)
-        result = _run_method(ctx)
+        result = method.build(ctx)
         image_name = f"{recipe.name}.{recipe.disk.format}"
         with stages("convert"):
             convert(result.disk, result.disk_format, out / image_name, recipe)

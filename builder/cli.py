@@ -11,17 +11,23 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from builder import __version__
 from builder.errors import KickgateError
+from builder.fsutil import atomic_write_text
+from builder.options import RunOptions, add_options, registry_options, run_options
 from builder.recipe import RecipeBook, find_root
+from builder.registry import open_registry
+from builder.registry.base import Registry
 
-log = logging.getLogger("kickgate")
+
+def _options(args: argparse.Namespace) -> RunOptions:
+    """The run options this command was given; those of other surfaces keep their defaults."""
+    return run_options(lambda name: getattr(args, name, None))
 
 
 def _book(args: argparse.Namespace) -> RecipeBook:
-    return RecipeBook(Path(args.root) if args.root else find_root())
+    return RecipeBook(Path(args.recipes) if args.recipes else find_root())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -53,10 +59,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     text = render_unvalidated(recipe) if args.no_validate else render_kickstart(recipe)
     if args.output:
         out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o600)  # may hold a password hash
-        tmp.replace(out)
+        atomic_write_text(out, text, mode=0o600)  # may hold a password hash: never readable by others
         print(f"wrote {out}", file=sys.stderr)
     else:
         sys.stdout.write(mask_secrets(text))
@@ -64,9 +67,6 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from builder.build import BuildOptions, build_image, default_cache_dir
-    from builder.hypervisor import Hypervisor
-
     recipe = _book(args).load(args.image)
     if args.print_virt_install:
         if recipe.method != "kickstart":
@@ -75,12 +75,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         print(shlex.join(virt_install_command(recipe, args.location)))
         return 0
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    options = BuildOptions(cache_dir=cache_dir, no_cache=args.no_cache, accel=args.accel,
-                           stream_console=args.console, location=args.location)
-    on_line = (lambda line: print(line, file=sys.stderr)) if args.console else None
-    with Hypervisor(args.libvirt_uri, accel=args.accel, cache_dir=cache_dir) as hv:
-        art = build_image(recipe, hv, options, on_console_line=on_line)
+    from builder.pipeline import Pipeline
+
+    with Pipeline(_options(args)) as pipeline:
+        image = pipeline.image(recipe.name)
+    art = image.artifact
+    assert art is not None
     if args.json:
         print(json.dumps({"image": str(art.image), "cached": art.cached, "seconds": round(art.seconds, 3),
                           "record": asdict(art.record)}, indent=2))
@@ -91,15 +91,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registry(args: argparse.Namespace) -> Any:
-    if args.registry == "opennebula":
-        from builder.registry.opennebula import OpenNebulaConfig, OpenNebulaRegistry
-
-        cfg = OpenNebulaConfig.from_env(endpoint=args.one_xmlrpc, auth_file=args.one_auth)
-        return OpenNebulaRegistry(cfg)
-    from builder.registry.local import LocalRegistry, default_registry_dir
-
-    return LocalRegistry(Path(args.registry_dir) if args.registry_dir else default_registry_dir())
+def _registry(args: argparse.Namespace) -> Registry:
+    return open_registry(registry_options(lambda name: getattr(args, name, None)))
 
 
 def cmd_images(args: argparse.Namespace) -> int:
@@ -119,23 +112,14 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     name, _, version = args.ref.partition("@")
-    reg = _registry(args)
-    if args.registry == "local":
-        print(json.dumps(reg.record(name, version or "latest"), indent=2))
-    else:
-        matches = [e for e in reg.list() if e.name == name and (not version or e.version == version)]
-        if not matches:
-            raise KickgateError(f"no image {args.ref} registered by kickgate in OpenNebula")
-        print(json.dumps(asdict(matches[-1]), indent=2, default=str))
+    print(json.dumps(dict(_registry(args).get(name, version or "latest").details), indent=2, default=str))
     return 0
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from builder.build import default_cache_dir
     from builder.hypervisor import cleanup_kept
 
-    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    removed = cleanup_kept(cache_dir)
+    removed = cleanup_kept(_options(args).cache_dir)
     print(f"removed {len(removed)} kept instance(s){': ' + ', '.join(removed) if removed else ''}")
     return 0
 
@@ -145,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "testinfra specs (pytest specs/), register only what passed.")
     p.add_argument("--version", action="version", version=f"kickgate {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    p.add_argument("--root", help="recipe repository root (default: the nearest folder with images/)")
-    p.add_argument("--cache-dir", help="build cache (default: $KICKGATE_CACHE_DIR or ~/.cache/kickgate)")
+    add_options(p.add_argument, "global")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("validate", help="validate recipes without building")
@@ -161,12 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("build", help="build (or reuse) an image; prints the artifact path")
     s.add_argument("image", metavar="IMAGE")
-    s.add_argument("--no-cache", action="store_true", help="rebuild even if a cached build matches")
+    add_options(s.add_argument, "build")
     s.add_argument("--json", action="store_true", help="print the build record as JSON")
-    s.add_argument("--console", action="store_true", help="stream the guest's serial console to stderr")
-    s.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
-    s.add_argument("--libvirt-uri", help="libvirt URI (default: the embedded QEMU driver)")
-    s.add_argument("--location", help="kickstart install source (URL, tree or ISO) overriding the recipe")
     s.add_argument("--print-virt-install", action="store_true",
                    help="print the equivalent virt-install command instead of building")
     s.set_defaults(func=cmd_build)
@@ -176,10 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         if name == "show":
             s.add_argument("ref", metavar="NAME[@VERSION]")
-        s.add_argument("--registry", default="local", choices=("local", "opennebula"))
-        s.add_argument("--registry-dir", help="local registry directory")
-        s.add_argument("--one-xmlrpc", help="OpenNebula endpoint (default: $ONE_XMLRPC)")
-        s.add_argument("--one-auth", help="file holding user:password (default: $ONE_AUTH)")
+        add_options(s.add_argument, "registry")
         s.add_argument("--json", action="store_true", help="JSON output")
         s.set_defaults(func=func)
 
@@ -198,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("paramiko").setLevel(logging.WARNING)
+    if getattr(args, "console", False):
+        logging.getLogger("kickgate.serial").setLevel(logging.INFO)  # --console: every serial line, once
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         rc: int = args.func(args)

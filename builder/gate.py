@@ -36,6 +36,10 @@ class SpecResults:
         return sorted(n for n, o in self.outcomes.items() if o == "passed")
 
     @property
+    def any_failed(self) -> bool:
+        return any(o in ("failed", "error") for o in self.outcomes.values())
+
+    @property
     def not_passed(self) -> dict[str, Outcome]:
         return {n: o for n, o in sorted(self.outcomes.items()) if o != "passed"}
 

@@ -24,12 +24,12 @@ import libvirt
 
 from builder.errors import CommandError, HypervisorError
 from builder.fsutil import atomic_copy, atomic_write_text
+from builder.options import Accel
 from builder.run import run
 
 log = logging.getLogger(__name__)
 
 DomainType = Literal["kvm", "qemu"]
-Accel = Literal["auto", "kvm", "tcg"]
 
 _EMBED_QEMU_CONF = """\
 # Written by kickgate: the embedded driver runs QEMU as root with no daemon and no virtlogd.
@@ -92,9 +92,9 @@ def _silence_libvirt_stderr() -> None:
 class Hypervisor:
     """A libvirt connection plus the domains this process started on it."""
 
-    def __init__(self, uri: str | None = None, accel: Accel = "auto", cache_dir: Path | None = None) -> None:
+    def __init__(self, uri: str | None = None, accel: Accel = Accel.AUTO, cache_dir: Path | None = None) -> None:
         self.requested_uri = uri
-        self.accel = accel
+        self.accel = Accel(accel)
         self.cache_dir = cache_dir
         self._embed_root: Path | None = None
         self._conn: Any = None
@@ -233,22 +233,6 @@ class Hypervisor:
         except libvirt.libvirtError:
             return False  # a transient domain that ended is gone from libvirt
 
-    def shutdown(self, dom: Any, timeout: float) -> bool:
-        """ACPI power-off, as OpenNebula's terminate sends; True if the guest went down in time."""
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.shutdown()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.is_active(dom):
-                return True
-            time.sleep(0.5)
-        return False
-
-    def active_domain_names(self) -> list[str]:
-        if self._conn is None:
-            return []
-        return [d.name() for d in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
-
     # -- acceleration ------------------------------------------------------------------------
 
     def domain_type(self, probe_kernel: Path | None = None) -> DomainType:
@@ -291,11 +275,11 @@ def probe_kvm(kernel: Path, timeout: float = 10.0) -> bool:
 
 def detect_domain_type(accel: Accel, probe_kernel: Path | None, cache_dir: Path | None) -> DomainType:
     env = os.environ.get("KICKGATE_ACCEL")
-    if env in ("auto", "kvm", "tcg"):
-        accel = env  # type: ignore[assignment]
-    if accel == "tcg":
+    if env in {a.value for a in Accel}:
+        accel = Accel(env)
+    if accel is Accel.TCG:
         return "qemu"
-    if accel == "kvm":
+    if accel is Accel.KVM:
         return "kvm"
     if not _kvm_openable():
         log.info("acceleration: /dev/kvm not usable, using TCG")

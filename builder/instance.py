@@ -285,10 +285,6 @@ class Instance:
     def host_port(self, guest_port: int) -> int:
         return self.forwards[guest_port]
 
-    def shutdown(self, timeout: float = 60) -> bool:
-        """ACPI power-off, as OpenNebula's terminate does."""
-        return self.hv.shutdown(self._dom, timeout)
-
     # -- stop --------------------------------------------------------------------------------
 
     def _close_ssh(self) -> None:
@@ -319,8 +315,3 @@ class Instance:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
 
-    def release(self) -> None:
-        """Destroy a kept instance and its files (end of run)."""
-        self.options = InstanceOptions(keep="never")
-        self.kept = False
-        self.stop()

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from builder.build import Artifact, BuildOptions, build_image
+from builder.build import Artifact, build_image
 from builder.console import Outcome, watch
 from builder.disk import create_overlay, image_info
 from builder.domain import Disk, DomainSpec, domain_xml, random_mac
+from builder.fsutil import sha256_file
 from builder.hypervisor import Hypervisor
-from builder.provenance import sha256_file
+from builder.method import BuildOptions
 from builder.recipe import RecipeBook
 
 pytestmark = pytest.mark.slow

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from builder.build import BuildRecord, cache_key, method_code_hash, recipe_hash
+from builder import recipe as recipe_module
+from builder.build import BUILD_KEY_NAME, BuildRecord, cache_key, method_code_hash, recipe_hash
+from builder.method import PACKAGE_DIR, get_method
 from builder.recipe import Recipe, RecipeBook
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,114 +36,163 @@ def checkout(tmp_path: Path) -> Path:
     return copy_checkout(tmp_path / "checkout")
 
 
-def keys(root: Path, name: str = "generic-dev") -> tuple[str, str]:
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    for name in list(os.environ):
+        if name == "KICKGATE_ROOTPW_HASH" or name.startswith("KICKGATE_SECRET_"):
+            monkeypatch.delenv(name)
+    return tmp_path / "cache"
+
+
+def key_of(recipe: Recipe, cache: Path, tools: dict[str, str] = TOOLS, location: str | None = None) -> str:
+    return cache_key(recipe, get_method(recipe.method), tools, cache, location)
+
+
+def keys(root: Path, cache: Path, name: str = "generic-dev") -> tuple[str, str]:
     recipe = load(root, name)
-    return recipe_hash(recipe), cache_key(recipe, TOOLS)
+    return recipe_hash(recipe), key_of(recipe, cache)
 
 
-def test_same_recipe_twice_same_key(checkout: Path) -> None:
+def test_same_recipe_twice_same_key(checkout: Path, cache_dir: Path) -> None:
     first, second = load(checkout), load(checkout)
     assert recipe_hash(first) == recipe_hash(second)
-    assert cache_key(first, TOOLS) == cache_key(second, dict(reversed(TOOLS.items())))
-    assert len(recipe_hash(first)) == 64 and len(cache_key(first, TOOLS)) == 64
+    assert key_of(first, cache_dir) == key_of(second, cache_dir, dict(reversed(TOOLS.items())))
+    assert len(recipe_hash(first)) == 64 and len(key_of(first, cache_dir)) == 64
 
 
-def test_content_not_mtime_decides(checkout: Path) -> None:
-    before = keys(checkout)
+def test_content_not_mtime_decides(checkout: Path, cache_dir: Path) -> None:
+    before = keys(checkout, cache_dir)
     for path in load(checkout).input_files():
         os.utime(path, (1, 1))
-    assert keys(checkout) == before
+    assert keys(checkout, cache_dir) == before
 
 
-def test_editing_node_script_changes_key(checkout: Path) -> None:
-    before = keys(checkout)
+def test_a_comment_or_an_unrelated_file_changes_nothing(checkout: Path, cache_dir: Path) -> None:
+    before = keys(checkout, cache_dir)
+    toml = checkout / "images" / "generic-dev" / "image.toml"
+    toml.write_text("# a comment a reviewer asked for\n" + toml.read_text())
+    (checkout / "images" / "generic-dev" / "README.md").write_text("notes\n")
+    (checkout / "images" / "other").mkdir()
+    assert keys(checkout, cache_dir) == before
+
+
+def test_a_parsed_value_changes_the_key(checkout: Path, cache_dir: Path) -> None:
+    before = keys(checkout, cache_dir)
+    toml = checkout / "images" / "generic-dev" / "image.toml"
+    toml.write_text(toml.read_text().replace('memory = "1024M"', 'memory = "1536M"'))
+    assert keys(checkout, cache_dir)[1] != before[1]
+
+
+def test_a_default_in_recipe_code_changes_the_key(checkout: Path, cache_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # generic-dev names no mirror: the default one shapes the image, so it is part of the key.
+    assert "mirror" not in (checkout / "images" / "generic-dev" / "image.toml").read_text()
+    before = keys(checkout, cache_dir)
+    monkeypatch.setattr(recipe_module, "DEFAULT_MIRROR", "http://mirror.example/debian")
+    assert load(checkout).bootstrap.mirror == "http://mirror.example/debian"  # type: ignore[union-attr]
+    assert keys(checkout, cache_dir)[1] != before[1]
+
+
+def test_editing_node_script_changes_key(checkout: Path, cache_dir: Path) -> None:
+    before = keys(checkout, cache_dir)
     script = checkout / "images" / "generic-dev" / "scripts" / "node" / "motd.sh"
     script.write_text(script.read_text() + "echo changed\n")
-    after = keys(checkout)
+    after = keys(checkout, cache_dir)
     assert after[0] != before[0] and after[1] != before[1]
 
 
-def test_editing_common_script_changes_key(checkout: Path) -> None:
-    before = keys(checkout)
-    script = checkout / "scripts" / "common" / "seal.sh"
-    script.write_text(script.read_text().replace("#!/bin/sh", "#!/bin/sh -e", 1) + "\n")
-    after = keys(checkout)
-    assert after[0] != before[0] and after[1] != before[1]
-
-
-def test_editing_unused_common_script_keeps_key(checkout: Path) -> None:
-    before = keys(checkout)
-    (checkout / "scripts" / "common" / "unused.sh").write_text("#!/bin/sh\n")
-    assert keys(checkout) == before
-
-
-def test_editing_image_toml_changes_key(checkout: Path) -> None:
-    before = keys(checkout)
-    toml = checkout / "images" / "generic-dev" / "image.toml"
-    toml.write_text(toml.read_text().replace('developers_group = "developers"', 'developers_group = "devs"'))
-    after = keys(checkout)
-    assert after[0] != before[0] and after[1] != before[1]
-
-
-def test_chmod_minus_x_changes_key(checkout: Path) -> None:
-    before = keys(checkout)
+def test_chmod_minus_x_changes_key(checkout: Path, cache_dir: Path) -> None:
+    before = keys(checkout, cache_dir)
     script = checkout / "images" / "generic-dev" / "scripts" / "node" / "sudoers.sh"
     assert os.access(script, os.X_OK)
     script.chmod(0o644)
-    after = keys(checkout)
+    after = keys(checkout, cache_dir)
     assert after[0] != before[0] and after[1] != before[1]
 
 
-def test_tool_version_changes_key(checkout: Path) -> None:
+def test_tool_version_changes_key(checkout: Path, cache_dir: Path) -> None:
     recipe = load(checkout)
     newer = {**TOOLS, "qemu-img": "qemu-img version 8.2.3"}
-    assert cache_key(recipe, newer) != cache_key(recipe, TOOLS)
-    assert cache_key(recipe, {**TOOLS, "new-tool": "1.0"}) != cache_key(recipe, TOOLS)
+    assert key_of(recipe, cache_dir, newer) != key_of(recipe, cache_dir)
+    assert key_of(recipe, cache_dir, {**TOOLS, "new-tool": "1.0"}) != key_of(recipe, cache_dir)
 
 
-def test_location_changes_key(tmp_path: Path) -> None:
+def test_location_changes_key(tmp_path: Path, cache_dir: Path) -> None:
     recipe = load(copy_checkout(tmp_path, "generic-dev-el9"), "generic-dev-el9")
-    a = cache_key(recipe, TOOLS, "https://mirror-a.example/rocky/9/BaseOS/x86_64/os/")
-    b = cache_key(recipe, TOOLS, "https://mirror-b.example/rocky/9/BaseOS/x86_64/os/")
-    default = cache_key(recipe, TOOLS)
+    a = key_of(recipe, cache_dir, location="https://mirror-a.example/rocky/9/BaseOS/x86_64/os/")
+    b = key_of(recipe, cache_dir, location="https://mirror-b.example/rocky/9/BaseOS/x86_64/os/")
+    default = key_of(recipe, cache_dir)
     assert len({a, b, default}) == 3
-    assert cache_key(recipe, TOOLS, "https://mirror-a.example/rocky/9/BaseOS/x86_64/os/") == a
+    assert key_of(recipe, cache_dir, location="https://mirror-a.example/rocky/9/BaseOS/x86_64/os/") == a
 
 
-def test_recipe_hash_independent_of_checkout_path(tmp_path: Path) -> None:
+def test_recipe_hash_independent_of_checkout_path(tmp_path: Path, cache_dir: Path) -> None:
     one = copy_checkout(tmp_path / "one")
     two = copy_checkout(tmp_path / "elsewhere" / "deeper" / "two")
     r1, r2 = load(one), load(two)
     assert r1.dir != r2.dir
     assert recipe_hash(r1) == recipe_hash(r2)
-    assert cache_key(r1, TOOLS) == cache_key(r2, TOOLS)
+    assert key_of(r1, cache_dir) == key_of(r2, cache_dir)
 
 
 def test_recipe_hash_of_repo_checkout_matches_copy(tmp_path: Path) -> None:
     assert recipe_hash(load(REPO_ROOT)) == recipe_hash(load(copy_checkout(tmp_path)))
 
 
-def test_kickstart_template_changes_key(tmp_path: Path) -> None:
+def test_kickstart_template_changes_key(tmp_path: Path, cache_dir: Path) -> None:
     root = copy_checkout(tmp_path, "generic-dev-el9")
-    before = keys(root, "generic-dev-el9")
+    before = keys(root, cache_dir, "generic-dev-el9")
     template = root / "images" / "generic-dev-el9" / "generic-dev-el9.ks.j2"
     template.write_text(template.read_text() + "\n# changed\n")
-    assert keys(root, "generic-dev-el9")[0] != before[0]
+    assert keys(root, cache_dir, "generic-dev-el9")[0] != before[0]
 
 
-def test_kickstart_root_password_changes_key_bootstrap_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kickstart_root_password_changes_key_bootstrap_not(tmp_path: Path, cache_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     ks = load(copy_checkout(tmp_path / "ks", "generic-dev-el9"), "generic-dev-el9")
     boot = load(copy_checkout(tmp_path / "boot"))
-    monkeypatch.delenv("KICKGATE_ROOTPW_HASH", raising=False)
-    ks_before, boot_before = cache_key(ks, TOOLS), cache_key(boot, TOOLS)
+    ks_before, boot_before = key_of(ks, cache_dir), key_of(boot, cache_dir)
     monkeypatch.setenv("KICKGATE_ROOTPW_HASH", "$6$salt$hash")
-    assert cache_key(ks, TOOLS) != ks_before
-    assert cache_key(boot, TOOLS) == boot_before
+    assert key_of(ks, cache_dir) != ks_before
+    assert key_of(boot, cache_dir) == boot_before
 
 
-def test_method_code_hash_differs_per_method() -> None:
-    assert method_code_hash("bootstrap") == method_code_hash("bootstrap")
-    assert method_code_hash("bootstrap") != method_code_hash("kickstart")
+def test_secrets_are_keyed_by_a_private_per_machine_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same secret gives different keys on machines with different build keys: the record's cache
+    key cannot be checked against a dictionary of candidate passwords without the 0600 key file."""
+    ks = load(copy_checkout(tmp_path / "ks", "generic-dev-el9"), "generic-dev-el9")
+    monkeypatch.setenv("KICKGATE_ROOTPW_HASH", "$6$salt$hash")
+    one, two = tmp_path / "machine-one", tmp_path / "machine-two"
+    assert key_of(ks, one) != key_of(ks, two)
+    assert key_of(ks, one) == key_of(ks, one)
+    key_file = one / BUILD_KEY_NAME
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key_file.chmod(0o644)
+    with pytest.raises(Exception, match="0600"):
+        key_of(ks, one)
+
+
+@pytest.fixture
+def package_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(PACKAGE_DIR, tmp_path / "builder", ignore=shutil.ignore_patterns("__pycache__")))
+
+
+def test_method_code_changes_its_key_and_only_its_own(package_copy: Path) -> None:
+    bootstrap, kickstart = get_method("bootstrap"), get_method("kickstart")
+    assert method_code_hash(bootstrap, package_copy) == method_code_hash(bootstrap)
+    assert method_code_hash(bootstrap) != method_code_hash(kickstart)
+    before = {m.name: method_code_hash(m, package_copy) for m in (bootstrap, kickstart)}
+    with (package_copy / "methods" / "bootstrap.py").open("a") as f:
+        f.write("\n# a change to how images are made\n")
+    assert method_code_hash(bootstrap, package_copy) != before["bootstrap"]
+    assert method_code_hash(kickstart, package_copy) == before["kickstart"]
+    (package_copy / "cli.py").write_text("# the command line does not shape images\n")
+    assert method_code_hash(bootstrap, package_copy) != before["bootstrap"]  # unchanged since the edit above
+    after_cli = method_code_hash(kickstart, package_copy)
+    assert after_cli == before["kickstart"]
+    with (package_copy / "recipe.py").open("a") as f:
+        f.write("\n# recipe defaults shape every image\n")
+    assert method_code_hash(kickstart, package_copy) != before["kickstart"]
 
 
 RECORD = BuildRecord(

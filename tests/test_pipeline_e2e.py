@@ -31,11 +31,13 @@ def run_specs(repo_root: Path, cache: Path, *args: str, env: dict[str, str] | No
                           timeout=timeout, check=False)
 
 
-def junit_outcomes(path: Path) -> dict[str, tuple[str, str]]:
-    """test name (without the image parameter) → (outcome, message)."""
+def junit_outcomes(path: Path, image: str | None = None) -> dict[str, tuple[str, str]]:
+    """test name (without the image parameter) → (outcome, message); only image's specs if given."""
     out: dict[str, tuple[str, str]] = {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        name = case.get("name", "").split("[", 1)[0]
+        name, _, param = case.get("name", "").partition("[")
+        if image is not None and param.rstrip("]") != image:
+            continue
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             el = case.find(tag)
@@ -160,21 +162,25 @@ def test_broken_image_fails_exactly_the_matching_specs(repo_root: Path, shared_c
 
 def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Path, shared_cache_dir: Path,
                                                                   tmp_path: Path) -> None:
+    """Run beside the good reference image: --keep-instance on-failure keeps only the failing image's."""
     root = tmp_path / "recipes"
     make_variant(repo_root, root, "no-context", NO_CONTEXT_SCRIPT)
+    shutil.copytree(repo_root / "images" / "generic-dev", root / "images" / "generic-dev")
     junit = tmp_path / "junit.xml"
     kept_cache = tmp_path / "kept-cache"  # where kept-instance records go: this test's own
     kept_cache.mkdir()
     for entry in shared_cache_dir.iterdir():  # share the builds, not the kept records
         if entry.name != "kept":
             (kept_cache / entry.name).symlink_to(entry)
-    res = run_specs(repo_root, kept_cache, "--recipes", str(root), "--image", "no-context",
+    res = run_specs(repo_root, kept_cache, "--recipes", str(root), "--image", "no-context", "--image", "generic-dev",
                     "--registry-dir", str(tmp_path / "registry"), f"--junitxml={junit}", "-k", "not clones",
                     "--keep-instance", "on-failure", "--artifacts-dir", str(tmp_path / "artifacts"))
     try:
         assert res.returncode == 1, res.stdout[-6000:]
-        outcomes = junit_outcomes(junit)
+        outcomes = junit_outcomes(junit, "no-context")
         assert outcomes and all(outcome == "error" for outcome, _ in outcomes.values()), outcomes
+        good = junit_outcomes(junit, "generic-dev")
+        assert good and all(outcome == "passed" for outcome, _ in good.values()), good
         message = next(iter(outcomes.values()))[1]
         assert "InstanceError" in message and "reached: login prompt" in message
         assert "contextualization did not configure the network" in message
@@ -183,8 +189,9 @@ def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Pat
         assert len(logs) == 1 and "login:" in logs[0].read_text(errors="replace"), "failed boot's log not kept"
         # The failed instance outlives the run for a person to inspect, and says how to reach it.
         assert "kept kg-no-context-" in res.stdout and "ssh -F " in res.stdout
+        assert "kept kg-generic-dev-" not in res.stdout, "an image whose specs passed kept its instance"
         records = list((kept_cache / "kept").glob("*.json"))
-        assert len(records) == 1
+        assert len(records) == 1 and "no-context" in records[0].name
         pid = json.loads(records[0].read_text())["pid"]
         assert pid and Path(f"/proc/{pid}").exists(), "the kept instance is not running"
     finally:

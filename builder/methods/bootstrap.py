@@ -2,7 +2,7 @@
 
 Stages: mmdebstrap → configure (files written into the tree on the host) → disk (sfdisk +
 mke2fs -d) → finish-vm (the image's own kernel with init=finish.sh: bootloader, post-install
-scripts, seal, marker, power off). The raw disk is handed back to build.py for conversion.
+scripts, seal, marker, power off). The raw disk is handed back for conversion.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from pathlib import Path
 from filelock import FileLock
 
 from builder import disk
-from builder.build import BuildContext, MethodResult
-from builder.console import Outcome, watch
-from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
+from builder.domain import Disk, DomainSpec, Nic, random_mac
+from builder.domainrun import DomainJob, run_domain
 from builder.errors import BuildError
+from builder.method import BuildContext, Method, MethodResult
 from builder.recipe import Recipe
 from builder.run import run
 
@@ -163,41 +163,30 @@ def configure_tree(recipe: Recipe, tree: Path, root_uuid: str) -> tuple[Path, Pa
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     initrds = sorted((tree / "boot").glob("initrd.img-*"))
     if not kernels or not initrds:
-        raise BuildError("configure", "no kernel or initrd in the tree's /boot",
-                         ["add linux-image-amd64 and initramfs-tools to [bootstrap] packages"])
+        raise BuildError("configure", "no kernel or initrd in the tree's /boot: add linux-image-amd64 and "
+                         "initramfs-tools to [bootstrap] packages")
     return kernels[-1], initrds[-1]
+
+
+FINISH_JOB = DomainJob(stage="finish-vm", what="the finish VM", ok_marker=FINISH_OK,
+                       failure_markers=(FINISH_FAILED, "Kernel panic"))
 
 
 def finish_vm(ctx: BuildContext, raw: Path, kernel: Path, initrd: Path, root_uuid: str, mac: str,
               domain_type: str) -> None:
     recipe = ctx.recipe
-    name = f"kg-build-{recipe.name}-{uuid.uuid4().hex[:6]}"
     spec = DomainSpec(
-        name=name, type="kvm" if domain_type == "kvm" else "qemu", memory_mib=recipe.vm.memory_mib,
-        vcpus=recipe.vm.vcpus, serial_log=ctx.serial_log, disks=(Disk(raw, "raw", cache="unsafe"),),
-        kernel=kernel, initrd=initrd,
+        name=f"kg-build-{recipe.name}-{uuid.uuid4().hex[:6]}", type="kvm" if domain_type == "kvm" else "qemu",
+        memory_mib=recipe.vm.memory_mib, vcpus=recipe.vm.vcpus, serial_log=ctx.serial_log,
+        disks=(Disk(raw, "raw", cache="unsafe"),), kernel=kernel, initrd=initrd,
         cmdline=f"root=UUID={root_uuid} rw console=ttyS0,115200 net.ifnames=0 init=/root/kickgate/finish.sh panic=-1",
         nic=Nic(mac=mac, restrict=True))
 
     def progress(line: str) -> None:
-        if ctx.on_console_line is not None:
-            ctx.on_console_line(line)
         if line.startswith(STEP_BEGIN):
             log.info("%s: finish-vm: %s", recipe.name, line[len(STEP_BEGIN):].strip())
 
-    dom = ctx.hypervisor.start(domain_xml(spec), name)
-    try:
-        outcome, w = watch(dom, ctx.hypervisor.is_active, ctx.serial_log, timeout=recipe.vm.build_timeout_s,
-                           idle_timeout=recipe.vm.idle_timeout_s, markers=[FINISH_OK],
-                           failure=[FINISH_FAILED, "Kernel panic"], progress=progress)
-    finally:
-        ctx.hypervisor.destroy(name)
-    if outcome is Outcome.POWERED_OFF and FINISH_OK in w.seen:
-        return
-    reasons = {
-        Outcome.FAILED: f"the finish VM reported: {w.failure_line}",
-        Outcome.TIMEOUT: f"the finish VM did not finish within {recipe.vm.build_timeout_s}s (vm.build_timeout)",
-        Outcome.IDLE: f"the finish VM printed nothing for {recipe.vm.idle_timeout_s}s (vm.idle_timeout)",
-        Outcome.POWERED_OFF: "the finish VM powered off without printing " + FINISH_OK,
-    }
-    raise BuildError("finish-vm", reasons.get(outcome, outcome.value), w.tail_lines(40), str(ctx.serial_log))
+    run_domain(ctx, spec, FINISH_JOB, progress=progress)
+
+
+METHOD = Method(name="bootstrap", build=build, code=("disk.py",), tools=("mmdebstrap", "mke2fs"))

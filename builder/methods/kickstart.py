@@ -36,10 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from builder.build import BuildContext, MethodResult
-from builder.console import ANSI_RE, Outcome, Watch, watch
-from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
-from builder.errors import BuildError, RecipeError
+from builder.console import Outcome, Watch
+from builder.domain import Disk, DomainSpec, Nic, random_mac
+from builder.domainrun import DomainJob, judge, read_serial, run_domain
+from builder.errors import RecipeError
 from builder.initrd import inject_kickstart
 from builder.installsource import (
     InstallSource,
@@ -50,14 +50,13 @@ from builder.installsource import (
     repo_in_args,
     serve_tree,
 )
+from builder.method import BuildContext, Method, MethodResult
 from builder.recipe import Recipe
 from builder.render import MARKERS, mask_secrets, render_kickstart
 
 log = logging.getLogger(__name__)
-serial_info = logging.getLogger("kickgate.serial")
 
 KS_NAME = "ks.cfg"
-TAIL_LINES = 40
 # Lines that mean the install failed, whatever happens next.
 FAILURE_MARKERS = (
     MARKERS.failed,
@@ -200,7 +199,7 @@ def build(ctx: BuildContext) -> MethodResult:
                 kernel=source.kernel, initrd=initrd, cmdline=cmdline, nic=Nic(mac=mac),
                 on_poweroff="destroy", on_reboot="destroy", on_crash="destroy")
             _run_install(ctx, spec)
-        packages = parse_packages(_read_serial(ctx.serial_log))
+        packages = parse_packages(read_serial(ctx.serial_log))
 
     extra = {
         "location": source.location,
@@ -229,9 +228,15 @@ def _install_repo(source: InstallSource, recipe: Recipe) -> Iterator[str | None]
         yield guest_url(port)
 
 
+INSTALL_JOB = DomainJob(
+    stage="install", what="the installer", ok_marker=MARKERS.ok, failure_markers=FAILURE_MARKERS,
+    no_marker_hint="the install or a %post script failed before the last %post (see the serial tail, and "
+                   "/root/kickgate-post-*.log in the disk)",
+    mask=mask_secrets)
+
+
 def _run_install(ctx: BuildContext, spec: DomainSpec) -> None:
     recipe = ctx.recipe
-    vm = recipe.vm
     last_written = [0]
     pkg_step = [0]
 
@@ -241,10 +246,6 @@ def _run_install(ctx: BuildContext, spec: DomainSpec) -> None:
         return last_written[0]
 
     def progress(line: str) -> None:
-        if ctx.on_console_line is not None:
-            ctx.on_console_line(line)
-        if ctx.options.stream_console:
-            serial_info.info("%s", line)
         text = line.strip()
         m = _PKG_PROGRESS_RE.search(text)
         if m:
@@ -257,56 +258,12 @@ def _run_install(ctx: BuildContext, spec: DomainSpec) -> None:
         if _PROGRESS_RE.match(text) or text.startswith(MARKERS.ok):
             log.info("%s: install: %s", recipe.name, text)
 
-    try:
-        dom = ctx.hypervisor.start(domain_xml(spec), spec.name)
-        outcome, w = watch(dom, ctx.hypervisor.is_active, ctx.serial_log,
-                           timeout=vm.build_timeout_s, idle_timeout=vm.idle_timeout_s,
-                           markers=[MARKERS.ok], failure=FAILURE_MARKERS, progress=progress,
-                           activity=lambda: activity_of(dom))
-    finally:
-        ctx.hypervisor.destroy(spec.name)
-    judge_outcome(ctx, outcome, w)
+    run_domain(ctx, spec, INSTALL_JOB, progress=progress, activity=activity_of)
 
 
 def judge_outcome(ctx: BuildContext, outcome: Outcome, w: Watch) -> None:
     """Return if the install succeeded (powered off after the marker), else raise BuildError."""
-    vm = ctx.recipe.vm
-    text = _read_serial(ctx.serial_log)
-    marker = MARKERS.ok in w.seen or any(MARKERS.ok in ln for ln in text.splitlines())
-    lines = w.tail_lines(TAIL_LINES) or text.splitlines()[-TAIL_LINES:]
-    tail = [mask_secrets(ln) for ln in lines]
-    if outcome is Outcome.POWERED_OFF and marker:
-        log.info("%s: install complete: %s seen, domain powered off", ctx.recipe.name, MARKERS.ok)
-        return
-    if outcome is Outcome.POWERED_OFF:
-        reason = (f"the installer powered off without printing {MARKERS.ok}: the install or a "
-                  "%post script failed before the last %post (see the serial tail, and "
-                  "/root/kickgate-post-*.log in the disk)")
-    elif outcome is Outcome.FAILED:
-        reason = f"failure marker on the console: {mask_secrets(w.failure_line or '')!r}"
-    elif outcome is Outcome.TIMEOUT:
-        reason = f"hard timeout: the install did not finish within {vm.build_timeout_s}s " \
-                 "([vm] build_timeout)"
-        if marker:
-            reason += f"; {MARKERS.ok} was printed but the domain never powered off " \
-                      "(does the kickstart say 'poweroff'?)"
-    elif outcome is Outcome.IDLE:
-        reason = f"inactivity watchdog: no console output and no disk writes for " \
-                 f"{vm.idle_timeout_s}s ([vm] idle_timeout)"
-        if marker:
-            reason += f"; {MARKERS.ok} was printed but the domain never powered off " \
-                      "(does the kickstart say 'poweroff'?)"
-    else:
-        reason = f"console follower stopped: {outcome.value}"
-    raise BuildError("install", reason, tail)
-
-
-def _read_serial(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return ""
-    return ANSI_RE.sub("", raw.decode("utf-8", errors="replace"))
+    judge(ctx, INSTALL_JOB, outcome, w)
 
 
 def parse_packages(serial_text: str) -> tuple[tuple[str, str], ...]:
@@ -326,3 +283,7 @@ def parse_packages(serial_text: str) -> tuple[tuple[str, str], ...]:
             if m:
                 found.add((m.group(1), m.group(2)))
     return tuple(sorted(found))
+
+
+METHOD = Method(name="kickstart", build=build, code=("render.py", "initrd.py", "installsource.py"), tools=(),
+                uses_secrets=True)

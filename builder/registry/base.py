@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Registered:
     sha256: str
     reused: bool = False  # True when the same bytes were already registered under that name
     attributes: Mapping[str, str] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)  # the registry's whole record, for `kickgate show`
 
 
 class Registry(Protocol):
@@ -55,4 +56,8 @@ class Registry(Protocol):
 
     def list(self) -> list[Registered]:
         """Images this registry holds that kickgate registered."""
+        ...
+
+    def get(self, name: str, version: str = "latest") -> Registered:
+        """One registered version of name ("latest": the newest). Raises RegistryError if absent."""
         ...
