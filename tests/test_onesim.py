@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
+import xmlrpc.client
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,10 @@ import pytest
 
 try:
     from onesim import OneSim, SimDatastore, SimUser, parse_template
-    from onesim.server import ACTION, DELETE, ERROR, LOCKED, READY
+    from onesim.server import ACTION, DELETE, ERROR, LOCKED, READY, USED
 except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.onesim import OneSim, SimDatastore, SimUser, parse_template
-    from tests.onesim.server import ACTION, DELETE, ERROR, LOCKED, READY
+    from tests.onesim.server import ACTION, DELETE, ERROR, LOCKED, READY, USED
 
 KICK = "kick:kick-secret-pw"
 
@@ -53,11 +55,15 @@ def one(sim: OneSim) -> Any:
     return client(sim)
 
 
+def make_qcow2(path: Path, virtual: str = "10M") -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), virtual], check=True,
+                   timeout=30)
+    return path
+
+
 @pytest.fixture
 def qcow(safe_dir: Path) -> Path:
-    p = safe_dir / "disk.qcow2"
-    p.write_bytes(b"QFI\xfb" + os.urandom(3000))
-    return p
+    return make_qcow2(safe_dir / "disk.qcow2")
 
 
 def wait_state(one: Any, image_id: int, state: int, timeout: float = 3.0) -> Any:
@@ -99,7 +105,7 @@ def test_allocate_locked_then_ready_with_real_copy(sim: OneSim, one: Any, qcow: 
     assert img.FORMAT == ""  # the datastore driver fills it in
     img = wait_state(one, image_id, READY)
     assert img.STATE == READY
-    assert isinstance(img.SIZE, int) and img.SIZE == 1  # MiB, rounded up
+    assert isinstance(img.SIZE, int) and img.SIZE == 10  # the virtual size in MiB, not the file's
     assert img.FORMAT == "qcow2"
     assert Path(img.SOURCE).read_bytes() == qcow.read_bytes()
     assert Path(img.SOURCE).parent == Path(sim.datastore_dir(1))
@@ -153,11 +159,12 @@ def test_wrong_password_is_authentication_error(sim: OneSim) -> None:
          "[one.image.allocate] Cannot parse image SIZE: cannot access 'relative.qcow2' "
          "(No such file or directory)"),
         ('NAME="a"\nPATH="{qcow}"', 0, pyone.OneException,
-         "[one.image.allocate] New images can only be allocated in a files or image datastore."),
+         "[one.image.allocate] Error allocating a new image. New images can only be allocated in "
+         "a files or image datastore."),
         ('NAME="a"\nPATH="{qcow}"', 101, pyone.OneActionException,
          "[one.image.allocate] Not enough space in datastore"),
         ('NAME="a"\nPATH="{qcow}"\nSOURCE="/x"\nSIZE="1"', 1, pyone.OneException,
-         "[one.image.allocate] PATH and SOURCE cannot be both set."),
+         "[one.image.allocate] Error allocating a new image. PATH and SOURCE cannot be both set."),
     ],
 )
 def test_allocate_errors(one: Any, qcow: Path, template: str, ds: int, exc: type,
@@ -173,7 +180,8 @@ def test_duplicate_name_per_owner(sim: OneSim, one: Any, qcow: Path) -> None:
     with pytest.raises(pyone.OneException) as e:
         one.image.allocate(f'NAME="dup"\nPATH="{qcow}"', 1)
     assert type(e.value) is pyone.OneException
-    assert str(e.value) == "[one.image.allocate] NAME is already taken by IMAGE 0."
+    assert str(e.value) == ("[one.image.allocate] Error allocating a new image. NAME is already "
+                            "taken by IMAGE 0.")
     # another owner may use the same NAME
     assert client(sim, "mate:mate-pw").image.allocate(
         f'NAME="dup"\nPATH="{qcow}"', 1) == 1
@@ -261,7 +269,7 @@ def test_inject_failure(sim: OneSim, one: Any) -> None:
 
 def test_unknown_method_is_a_fault(one: Any) -> None:
     with pytest.raises(pyone.OneException, match="not defined"):
-        one.vm.info(0)
+        one.vn.info(0)
 
 
 # --- templates --------------------------------------------------------------------------------
@@ -294,3 +302,315 @@ def test_pyone_dict_templates_are_understood(one: Any, qcow: Path) -> None:
 def test_syntax_error_is_internal(one: Any) -> None:
     with pytest.raises(pyone.OneInternalException, match="Parse error"):
         one.image.allocate('NAME = "x"\n= oops', 1)
+
+
+# --- SIZE from the datastore's stat driver ---------------------------------------------------------
+def test_size_is_the_virtual_size_in_mib(one: Any, safe_dir: Path) -> None:
+    big = make_qcow2(safe_dir / "big.qcow2", "1G")
+    assert big.stat().st_size < 1024 * 1024  # a small file...
+    image_id = one.image.allocate(f'NAME="big"\nPATH="{big}"', 1)
+    assert wait_state(one, image_id, READY).SIZE == 1024  # ...with 1 GiB virtual size
+    raw = safe_dir / "disk.raw"
+    raw.write_bytes(os.urandom(3 * 1024 * 1024 + 1))
+    raw_id = one.image.allocate(f'NAME="raw"\nPATH="{raw}"', 1)
+    img = wait_state(one, raw_id, READY)
+    assert (img.SIZE, img.FORMAT) == (4, "raw")  # MiB rounded up
+
+
+def test_capacity_check_counts_the_virtual_size(sim: OneSim, safe_dir: Path) -> None:
+    sim.add_datastore(SimDatastore(7, "small", "IMAGE", free_mb=500,
+                                   safe_dirs=[str(safe_dir)]))
+    sim.monitor()
+    one = client(sim)
+    big = make_qcow2(safe_dir / "big.qcow2", "1G")
+    with pytest.raises(pyone.OneActionException,
+                       match=r"^\[one.image.allocate\] Not enough space in datastore$"):
+        one.image.allocate(f'NAME="big"\nPATH="{big}"', 7)
+    small = make_qcow2(safe_dir / "s.qcow2", "400M")
+    assert one.image.allocate(f'NAME="ok"\nPATH="{small}"', 7) == 0
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    (b"QFI\xfb" + b"\xff" * 3000, "Failed to detect image format"),  # a qcow2 header qemu-img refuses
+    (b"", "Runtime error during size estimation"),
+])
+def test_bytes_the_stat_driver_cannot_read_are_refused(sim: OneSim, one: Any, safe_dir: Path,
+                                                       content: bytes, reason: str) -> None:
+    bad = safe_dir / "bad.img"
+    bad.write_bytes(content)
+    with pytest.raises(pyone.OneInternalException) as e:
+        one.image.allocate(f'NAME="bad"\nPATH="{bad}"', 1)
+    assert str(e.value) == f"[one.image.allocate] Cannot parse image SIZE: {reason}"
+    assert not sim.find_images()
+
+
+# --- names ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("ch", [*list("&|:\\\";/'#{}$<>"), "\t"])
+def test_names_refuse_oneds_characters(one: Any, qcow: Path, ch: str) -> None:
+    with pytest.raises(pyone.OneException) as e:
+        one.image.allocate({"NAME": f"a{ch}b", "PATH": str(qcow)} if ch in "\"\\" else
+                           f'NAME="a{ch}b"\nPATH="{qcow}"', 1)
+    assert type(e.value) is pyone.OneException  # ALLOCATE, 0x4000
+    assert str(e.value) == (f"[one.image.allocate] Error allocating a new image. Invalid NAME, "
+                            f"char '{ch}' is not allowed")
+
+
+def test_name_length_is_128_bytes(sim: OneSim, one: Any, qcow: Path) -> None:
+    assert one.image.allocate(f'NAME="{"n" * 128}"\nPATH="{qcow}"', 1) == 0
+    assert one.image.allocate(f'NAME="{"é" * 64}"\nPATH="{qcow}"', 1) == 1  # 128 bytes of UTF-8
+    for name in ("n" * 129, "é" * 65):
+        with pytest.raises(pyone.OneException, match=r"Invalid NAME, max length is 128 chars$"):
+            one.image.allocate(f'NAME="{name}"\nPATH="{qcow}"', 1)
+    with pytest.raises(pyone.OneActionException, match=r"^\[one.image.rename\] Invalid NAME, "
+                                                       r"char ':' is not allowed$"):
+        one.image.rename(0, "a:b")
+    with pytest.raises(pyone.OneInternalException, match=r"^\[one.template.allocate\] Invalid "
+                                                         r"NAME, char '\$' is not allowed$"):
+        one.template.allocate('NAME="t$"')
+
+
+# --- FREE_MB follows monitoring ------------------------------------------------------------------------
+def free_mb(one: Any, ds_id: int) -> int:
+    return int(one.datastore.info(ds_id).FREE_MB)
+
+
+def test_free_mb_drops_on_a_monitoring_tick_not_at_allocate(sim: OneSim, one: Any,
+                                                           safe_dir: Path) -> None:
+    data = safe_dir / "data.raw"
+    data.write_bytes(os.urandom(5 * 1024 * 1024))
+    before = free_mb(one, 1)
+    image_id = one.image.allocate(f'NAME="d"\nPATH="{data}"', 1)
+    img = wait_state(one, image_id, READY)
+    assert free_mb(one, 1) == before  # copied, but not monitored yet
+    sim.monitor()
+    used = -(-os.stat(img.SOURCE).st_blocks * 512 // (1024 * 1024))
+    assert used >= 5 and free_mb(one, 1) == before - used
+    ds = one.datastore.info(1)
+    assert ds.USED_MB == ds.TOTAL_MB - ds.FREE_MB
+    one.image.delete(image_id)
+    assert sim.wait_for(lambda: sim.image(image_id) is None)
+    assert free_mb(one, 1) == before - used
+    sim.monitor()
+    assert free_mb(one, 1) == before
+
+
+def test_before_the_first_monitoring_there_is_no_space(safe_dir: Path, qcow: Path) -> None:
+    dss = [SimDatastore(1, "default", safe_dirs=[str(safe_dir)])]
+    with OneSim(datastores=dss, monitored=False, copy_delay=0.01) as sim:
+        one = client(sim)
+        ds = one.datastore.info(1)
+        assert (ds.TOTAL_MB, ds.FREE_MB, ds.USED_MB) == (0, 0, 0)
+        with pytest.raises(pyone.OneActionException, match="Not enough space in datastore"):
+            one.image.allocate(f'NAME="early"\nPATH="{qcow}"', 1)
+        sim.monitor()
+        assert one.datastore.info(1).FREE_MB == 100_000
+        assert one.image.allocate(f'NAME="early"\nPATH="{qcow}"', 1) == 0
+
+
+def test_periodic_monitoring(safe_dir: Path) -> None:
+    data = safe_dir / "data.raw"
+    data.write_bytes(os.urandom(2 * 1024 * 1024))
+    dss = [SimDatastore(1, "default", safe_dirs=[str(safe_dir)])]
+    with OneSim(datastores=dss, monitor_interval=0.05, copy_delay=0.01) as sim:
+        one = client(sim)
+        one.image.allocate(f'NAME="d"\nPATH="{data}"', 1)
+        assert sim.wait_for(lambda: free_mb(one, 1) < 100_000)
+
+
+def test_no_disabled_image_datastore() -> None:
+    # oned: only SYSTEM datastores can be disabled; the stand-in has no such knob
+    with pytest.raises(TypeError):
+        SimDatastore(5, "off", "IMAGE", enabled=False)  # type: ignore[call-arg]
+
+
+# --- empty values --------------------------------------------------------------------------------------
+def test_empty_values_text_form_kept_xml_form_dropped(one: Any, qcow: Path) -> None:
+    text_id = one.image.allocate(f'NAME="t"\nPATH="{qcow}"\nA = ""\nB =\nC = "x"\n', 1)
+    tmpl = one.image.info(text_id).TEMPLATE
+    # kept, as <A><![CDATA[]]></A>, which pyone reads as None
+    assert "A" in tmpl and "B" in tmpl
+    assert (tmpl["A"], tmpl["B"], tmpl["C"]) == (None, None, "x")
+    xml_id = one.image.allocate(f"<TEMPLATE><NAME>x</NAME><PATH>{qcow}</PATH><E></E><F/>"
+                                "<V><S></S><T>1</T></V><G><![CDATA[g]]></G></TEMPLATE>", 1)
+    tmpl = one.image.info(xml_id).TEMPLATE
+    assert "E" not in tmpl and "F" not in tmpl
+    assert tmpl["V"] == {"T": "1"} and tmpl["G"] == "g"
+
+
+def test_values_that_break_the_xml_body_are_refused(sim: OneSim, one: Any, qcow: Path) -> None:
+    with pytest.raises(pyone.OneException, match=r"Error allocating a new image\. Error "
+                                                 r"transforming the Image to XML\.$"):
+        one.image.allocate(f"<TEMPLATE><NAME>x</NAME><PATH>{qcow}</PATH>"
+                           "<D>a]]&gt;b</D></TEMPLATE>", 1)
+    image_id = one.image.allocate(f'NAME="y"\nPATH="{qcow}"\nD="kept"', 1)
+    # oned writes the body to its DB, which refuses it; the call still answers success
+    assert one.image.update(image_id, "<TEMPLATE><D>a]]&gt;b</D></TEMPLATE>", 1) == image_id
+    assert one.image.info(image_id).TEMPLATE["D"] == "kept"
+
+
+# --- VM templates ----------------------------------------------------------------------------------------
+PROMO = ('NAME = "web"\nCPU = "1"\nMEMORY = "512"\n'
+         'DISK = [ IMAGE_ID = "{a}", DEV_PREFIX = "vd" ]\n'
+         'DISK = [ IMAGE = "data", IMAGE_UNAME = "kick" ]\n'
+         'NIC = [ NETWORK = "public", MODEL = "virtio" ]\n'
+         'CONTEXT = [ NETWORK = "YES", SSH_PUBLIC_KEY = "ssh-ed25519 AAAA k@h", '
+         'START_SCRIPT = "echo \\"hi\\" > /tmp/x" ]\n'
+         'LABELS = "a,b"\n')
+
+
+def raw_template_xml(sim: OneSim, template_id: int) -> str:
+    ok, body, _code = xmlrpc.client.ServerProxy(sim.endpoint).one.template.info(KICK, template_id)
+    assert ok
+    return str(body)
+
+
+def attribute_xml(body: str) -> list[str]:
+    """The TEMPLATE's attributes as oned wrote them, byte for byte, in order."""
+    inner = body.split("<TEMPLATE>", 1)[1].rsplit("</TEMPLATE>", 1)[0]
+    return [m.group(0) for m in re.finditer(r"<([A-Z_]+)>.*?</\1>", inner)]
+
+
+def test_template_merge_update_replaces_every_disk(sim: OneSim, one: Any, qcow: Path) -> None:
+    a = one.image.allocate(f'NAME="os"\nPATH="{qcow}"', 1)
+    tid = one.template.allocate(PROMO.format(a=a))
+    tmpl = one.template.info(tid)
+    assert tmpl.NAME == "web" and "NAME" not in tmpl.TEMPLATE
+    assert [d.get("IMAGE_ID") or d["IMAGE"] for d in tmpl.TEMPLATE["DISK"]] == [str(a), "data"]
+    assert tmpl.TEMPLATE["CONTEXT"]["START_SCRIPT"] == 'echo "hi" > /tmp/x'
+    before = attribute_xml(raw_template_xml(sim, tid))
+    assert before[0].startswith("<CONTEXT>") and before[-1].startswith("<NIC>")  # sorted names
+    assert "<DISK><DEV_PREFIX><![CDATA[vd]]></DEV_PREFIX><IMAGE_ID>" in before[2]  # sorted subs
+
+    # merge one DISK: oned erases all DISKs first, so only the sent one is left
+    one.template.update(tid, f'DISK = [ IMAGE_ID = "{a}", DEV_PREFIX = "sd" ]', 1)
+    after = attribute_xml(raw_template_xml(sim, tid))
+    assert [x for x in after if x.startswith("<DISK>")] == [
+        f"<DISK><DEV_PREFIX><![CDATA[sd]]></DEV_PREFIX><IMAGE_ID><![CDATA[{a}]]></IMAGE_ID>"
+        "</DISK>"]
+    assert [x for x in after if not x.startswith("<DISK>")] == \
+        [x for x in before if not x.startswith("<DISK>")]  # the rest byte for byte
+
+    # the promotion pattern: send the whole DISK list back with only the changed disk
+    one.template.update(tid, f'DISK = [ IMAGE_ID = "{a}", DEV_PREFIX = "vd" ]\n'
+                             'DISK = [ IMAGE = "data", IMAGE_UNAME = "kick" ]', 1)
+    assert attribute_xml(raw_template_xml(sim, tid)) == before
+    one.template.update(tid, "DISK = [ ]", 1)  # an empty vector only erases
+    assert "DISK" not in one.template.info(tid).TEMPLATE
+    one.template.update(tid, 'MEMORY = "1024"', 0)  # replace mode: just that
+    assert dict(one.template.info(tid).TEMPLATE) == {"MEMORY": "1024"}
+
+
+def test_template_pool_clone_rename_delete(sim: OneSim, one: Any, qcow: Path) -> None:
+    a = one.image.allocate(f'NAME="os"\nPATH="{qcow}"', 1)
+    wait_state(one, a, READY)
+    tid = one.template.allocate(f'NAME="base"\nDISK=[IMAGE_ID="{a}"]')
+    mate = client(sim, "mate:mate-pw")
+    mine = mate.template.allocate('NAME="base"')  # names are unique per owner
+    with pytest.raises(pyone.OneInternalException,
+                       match=r"^\[one.template.allocate\] NAME is already taken by TEMPLATE 0\.$"):
+        one.template.allocate('NAME="base"')
+    assert [t.ID for t in one.templatepool.info(-3, -1, -1).VMTEMPLATE] == [tid]
+    assert [t.ID for t in one.templatepool.info(-1, -1, -1).VMTEMPLATE] == [tid, mine]
+    copy_id = one.template.clone(tid, "copy", False)
+    assert one.template.info(copy_id).TEMPLATE["DISK"]["IMAGE_ID"] == str(a)
+    with pytest.raises(pyone.OneException, match=r"Error allocating a new virtual machine "
+                                                 r"template\. NAME is already taken by TEMPLATE"):
+        one.template.clone(tid, "copy", False)
+    deep = one.template.clone(tid, "deep", True)
+    new_img = int(one.template.info(deep).TEMPLATE["DISK"]["IMAGE_ID"])
+    assert new_img != a and wait_state(one, new_img, READY).NAME == "deep-disk-0"
+    assert Path(one.image.info(new_img).SOURCE).read_bytes() == qcow.read_bytes()
+    with pytest.raises(pyone.OneActionException, match="virtual machine template cannot be "
+                                                       "renamed to copy because it collides"):
+        one.template.rename(tid, "copy")
+    one.template.rename(tid, "renamed")
+    assert one.template.info(tid).NAME == "renamed"
+    one.template.delete(copy_id)
+    with pytest.raises(pyone.OneNoExistsException, match=rf"Error getting virtual machine "
+                                                         rf"template \[{copy_id}\]\."):
+        one.template.info(copy_id)
+
+
+# --- VMs and images in use --------------------------------------------------------------------------------
+def test_vm_lifecycle_holds_images_used(sim: OneSim, one: Any, qcow: Path) -> None:
+    a = one.image.allocate(f'NAME="os"\nPATH="{qcow}"', 1)
+    wait_state(one, a, READY)
+    tid = one.template.allocate('NAME="web"\nMEMORY="512"\nCPU="1"\n'
+                                'DISK=[IMAGE="os", IMAGE_UNAME="kick"]\nCONTEXT=[X="1"]')
+    vm1 = one.template.instantiate(tid, "vm1", False, "", False)
+    vm2 = one.vm.allocate(f'NAME="vm2"\nMEMORY="64"\nDISK=[IMAGE_ID="{a}"]', False)
+    assert sim.wait_for(lambda: one.vm.info(vm1).LCM_STATE == 3 and one.vm.info(vm2).STATE == 3)
+    info = one.vm.info(vm1)
+    assert (info.STATE, info.LCM_STATE, info.NAME) == (3, 3, "vm1")
+    disk = info.TEMPLATE["DISK"]
+    assert (disk["IMAGE_ID"], disk["IMAGE"], disk["CLONE"], disk["DISK_ID"]) == (str(a), "os",
+                                                                                "YES", "0")
+    assert info.TEMPLATE["TEMPLATE_ID"] == str(tid)
+    img = one.image.info(a)
+    assert (img.STATE, img.RUNNING_VMS, sorted(img.VMS.ID)) == (USED, 2, [vm1, vm2])
+    assert [v.ID for v in one.vmpool.info(-3, -1, -1, -1).VM] == [vm1, vm2]
+
+    with pytest.raises(pyone.OneInternalException) as e:
+        one.image.enable(a, False)
+    assert str(e.value) == ("[one.image.enable] Could not disable image: Image cannot be in "
+                            "state USED.")
+    with pytest.raises(pyone.OneActionException) as e:
+        one.image.delete(a)
+    assert str(e.value) == "[one.image.delete] Cannot delete image. There are 2 VMs using it."
+
+    one.vm.action("terminate", vm1)
+    assert sim.wait_for(lambda: one.vm.info(vm1).STATE == 6)
+    img = one.image.info(a)
+    assert (img.STATE, img.RUNNING_VMS) == (USED, 1)  # still used by vm2
+    one.vm.action("terminate-hard", vm2)
+    assert sim.wait_for(lambda: one.image.info(a).STATE == READY)
+    assert one.image.info(a).RUNNING_VMS == 0
+    assert one.vmpool.info(-3, -1, -1, -1).VM == []
+    with pytest.raises(pyone.OneActionException, match='Action "reboot" is not supported'):
+        one.vm.action("reboot", vm1)
+    one.image.enable(a, False)
+    assert one.image.info(a).STATE == pyone.IMAGE_STATES.DISABLED
+    with pytest.raises(pyone.OneInternalException, match=r"DISK 0: Cannot acquire image 0, it "
+                                                         r"is in state: DISABLED$"):
+        one.template.instantiate(tid, "", False, "", False)
+
+
+def test_disk_names_resolve_per_owner(sim: OneSim, one: Any, qcow: Path) -> None:
+    mate = client(sim, "mate:mate-pw")
+    mine = one.image.allocate(f'NAME="os"\nPATH="{qcow}"', 1)
+    theirs = mate.image.allocate(f'NAME="os"\nPATH="{qcow}"', 1)
+    one.image.chmod(mine, -1, -1, -1, 1, -1, -1, -1, -1, -1)
+    assert sim.wait_for(lambda: one.image.info(mine).STATE == READY
+                        and mate.image.info(theirs).STATE == READY)
+    # no IMAGE_UNAME: the VM owner's image; IMAGE_UNAME/IMAGE_UID: that user's
+    v1 = mate.vm.allocate('NAME="a"\nDISK=[IMAGE="os"]', True)
+    v2 = mate.vm.allocate('NAME="b"\nDISK=[IMAGE="os", IMAGE_UNAME="kick"]', True)
+    v3 = mate.vm.allocate('NAME="c"\nDISK=[IMAGE="os", IMAGE_UID="2", IMAGE_UNAME="mate"]', True)
+    assert mate.vm.info(v1).TEMPLATE["DISK"]["IMAGE_ID"] == str(theirs)
+    assert mate.vm.info(v2).TEMPLATE["DISK"]["IMAGE_ID"] == str(mine)
+    assert mate.vm.info(v3).TEMPLATE["DISK"]["IMAGE_ID"] == str(mine)  # IMAGE_UID wins
+    assert mate.vm.info(v1).STATE == 2  # held: never deployed
+    # renaming an image breaks name references
+    one.image.rename(mine, "os-old")
+    with pytest.raises(pyone.OneInternalException) as e:
+        mate.vm.allocate('NAME="d"\nDISK=[IMAGE="os", IMAGE_UNAME="kick"]', False)
+    assert str(e.value) == ("[one.vm.allocate] DISK 0: User 2 does not own an image with name: "
+                            "os . Set IMAGE_UNAME or IMAGE_UID of owner in DISK.")
+    with pytest.raises(pyone.OneAuthorizationException, match=r"USE IMAGE \[0\]"):
+        client(sim, "stranger:stranger-pw").vm.allocate(f'DISK=[IMAGE_ID="{mine}"]', False)
+    # a failed VM leaves no image acquired
+    with pytest.raises(pyone.OneInternalException, match="DISK 1: Image with ID: 99 does not"):
+        mate.vm.allocate(f'NAME="e"\nDISK=[IMAGE_ID="{theirs}"]\nDISK=[IMAGE_ID="99"]', False)
+    assert mate.image.info(theirs).RUNNING_VMS == 1  # v1 only
+
+
+def test_image_rename_is_unique_per_owner(sim: OneSim, one: Any, qcow: Path) -> None:
+    k = one.image.allocate(f'NAME="k"\nPATH="{qcow}"', 1)
+    one.image.allocate(f'NAME="taken"\nPATH="{qcow}"', 1)
+    mate = client(sim, "mate:mate-pw")
+    m = mate.image.allocate(f'NAME="m"\nPATH="{qcow}"', 1)
+    with pytest.raises(pyone.OneActionException) as e:
+        one.image.rename(k, "taken")
+    assert str(e.value) == ("[one.image.rename] image cannot be renamed to taken because it "
+                            "collides with image 1")
+    assert mate.image.rename(m, "taken") == m  # another owner's namespace

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover - when tests/ is a package
     from tests.onesim.server import ACTION, AUTHORIZATION, DELETE, ERROR, READY
 
 PASSWORD = "kick-secret-pw"
+VIRTUAL_MB = 16  # virtual size of the first qcow2 make_reg creates
 SESSION = f"kick:{PASSWORD}"
 MakeReg = Callable[..., Registration]
 
@@ -48,8 +50,7 @@ def sim(publish_dir: Path) -> Iterator[OneSim]:
            SimDatastore(1, "default", "IMAGE", safe_dirs=["/var/tmp", str(publish_dir)]),
            SimDatastore(2, "files", "FILE"),
            SimDatastore(100, "stock", "IMAGE"),  # stock SAFE_DIRS: /var/tmp only
-           SimDatastore(101, "tiny", "IMAGE", free_mb=0, safe_dirs=[str(publish_dir)]),
-           SimDatastore(102, "off", "IMAGE", enabled=False)]
+           SimDatastore(101, "tiny", "IMAGE", free_mb=0, safe_dirs=[str(publish_dir)])]
     with OneSim(users=users, datastores=dss, copy_delay=0.05, delete_delay=0.05) as s:
         yield s
 
@@ -78,8 +79,16 @@ def make_reg(tmp_path: Path) -> MakeReg:
     def make(name: str = "debian12-node", content: bytes | None = None, public: bool = True,
              extra: tuple[tuple[str, str], ...] = (), description: str = "Debian 12 node. "
              "Source: images/debian12-node, GitRev: repo@abc123") -> Registration:
-        data = content if content is not None else \
-            b"QFI\xfb" + f"image {next(counter)}".encode() + os.urandom(4096)
+        if content is None:
+            # a real qcow2; each call a different virtual size (VIRTUAL_MB + n MiB), so other bytes
+            n = next(counter)
+            made = tmp_path / f"made-{n}.qcow2"
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(made),
+                            f"{VIRTUAL_MB + n}M"], check=True, timeout=30)
+            data = made.read_bytes()
+            made.unlink()
+        else:
+            data = content
         path = tmp_path / f"src-{hashlib.sha256(data).hexdigest()[:8]}.qcow2"
         path.write_bytes(data)
         sha = hashlib.sha256(data).hexdigest()
@@ -123,6 +132,7 @@ def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: M
     assert t["KICKGATE_SIZE"] == str(reg.size)
     assert "PUBLIC" not in t
     assert img.type == 0 and img.format == "qcow2"
+    assert img.size_mb == VIRTUAL_MB  # oned's SIZE: the virtual size, not the file's bytes
     assert img.perms[3] == 1 and img.perms[6] == 1  # PUBLIC: group and other USE
     published = publish_dir / f"{reg.name}-{reg.sha256[:12]}.qcow2"
     assert published.read_bytes() == reg.image_path.read_bytes()
@@ -222,7 +232,9 @@ def test_name_policy_replace_keeps_an_old_image_in_use(
         caplog: pytest.LogCaptureFixture) -> None:
     registry = OpenNebulaRegistry(make_config(name_policy="replace"))
     old = registry.register(make_reg())
-    sim.images[int(old.version)].running_vms = 2  # a VM uses it: oned refuses the delete
+    # a running VM uses it: oned refuses the delete
+    pyone.OneServer(sim.endpoint, session=SESSION).vm.allocate(
+        f'NAME="user"\nDISK=[IMAGE_ID="{old.version}"]', False)
     new = registry.register(make_reg())
     assert new.name == "debian12-node"
     parked = sim.image(int(old.version))
@@ -310,14 +322,13 @@ def test_unknown_datastore(sim: OneSim, make_config: Callable[..., OpenNebulaCon
         OpenNebulaRegistry(make_config(datastore=datastore)).register(make_reg())
     msg = str(e.value)
     assert f"no datastore {datastore!r}" in msg
-    assert "image datastores: default (ID 1), stock (ID 100), tiny (ID 101), off (ID 102)" in msg
+    assert "image datastores: default (ID 1), stock (ID 100), tiny (ID 101)" in msg
     assert allocations(sim) == 0
 
 
 @pytest.mark.parametrize(("datastore", "expected"), [
     ("system", "system (ID 0) is a SYSTEM datastore"),
     (2, "files (ID 2) is a FILES datastore"),
-    ("off", "off (ID 102) is disabled"),
 ])
 def test_unusable_datastores(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
                              make_reg: MakeReg, datastore: object, expected: str) -> None:
