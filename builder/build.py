@@ -24,7 +24,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from builder import __version__
+from builder import __version__, runstamp
 from builder.errors import BuildError, KickgateError
 from builder.fsutil import atomic_write_text, private_key_file, sha256_file
 from builder.hypervisor import Hypervisor
@@ -229,6 +229,7 @@ def _build_uncached(recipe: Recipe, method: Method, hypervisor: Hypervisor, opti
     tmp_root = options.cache_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f"{recipe.name}-", dir=tmp_root))
+    runstamp.stamp(staging)
     workdir = staging / "work"
     workdir.mkdir()
     out = staging / "out"

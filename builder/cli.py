@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import shlex
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from builder.options import RunOptions, add_options, registry_options, run_optio
 from builder.recipe import RecipeBook, find_root
 from builder.registry import open_registry
 from builder.registry.base import Registry
+from builder.signals import stop_signals_interrupt
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -118,9 +118,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from builder.hypervisor import cleanup_kept
+    from builder.runstamp import sweep
 
-    removed = cleanup_kept(_options(args).cache_dir)
+    cache_dir = _options(args).cache_dir
+    removed = cleanup_kept(cache_dir)
     print(f"removed {len(removed)} kept instance(s){': ' + ', '.join(removed) if removed else ''}")
+    swept = sweep(cache_dir)
+    print(f"removed {len(swept)} leftover(s) of runs that are gone{': ' + ', '.join(map(str, swept)) if swept else ''}")
     return 0
 
 
@@ -159,14 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true", help="JSON output")
         s.set_defaults(func=func)
 
-    s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove their files")
+    s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove what dead runs left")
     s.set_defaults(func=cmd_cleanup)
     return p
-
-
-def _sigterm(signum: int, frame: object) -> None:
-    # Turn SIGTERM (CI cancel, timeout) into the same clean unwind as Ctrl-C.
-    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -176,9 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("paramiko").setLevel(logging.WARNING)
     if getattr(args, "console", False):
         logging.getLogger("kickgate.serial").setLevel(logging.INFO)  # --console: every serial line, once
-    signal.signal(signal.SIGTERM, _sigterm)
     try:
-        rc: int = args.func(args)
+        with stop_signals_interrupt():
+            rc: int = args.func(args)
         return rc
     except KickgateError as exc:
         print(f"kickgate: error: {exc}", file=sys.stderr)

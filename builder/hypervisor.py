@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import libvirt
 
+from builder import runstamp
 from builder.errors import CommandError, HypervisorError
 from builder.fsutil import atomic_copy, atomic_write_text
 from builder.options import Accel
@@ -58,6 +59,7 @@ def process_embed_root() -> Path:
         if _embed_root is None:
             # Short path: QEMU's monitor sockets live below it and UNIX paths max out at 108 bytes.
             root = Path(tempfile.mkdtemp(prefix="kg-virt-", dir="/tmp"))
+            runstamp.stamp(root)
             (root / "etc").mkdir()
             (root / "etc" / "qemu.conf").write_text(_EMBED_QEMU_CONF)
             atexit.register(shutil.rmtree, root, True)
@@ -221,6 +223,8 @@ class Hypervisor:
                 pid = int(pidfile.read_text().strip())
         record = {"name": name, "pid": pid, "uri": self.uri if not self.embedded else "embedded",
                   "workdir": str(workdir) if workdir else ""}
+        if workdir is not None:
+            runstamp.stamp(workdir, kept=True)  # a new run's sweep must leave it alone
         kept = self.cache_dir / "kept"
         kept.mkdir(parents=True, exist_ok=True)
         path = kept / f"{name}.json"
@@ -263,6 +267,7 @@ def probe_kvm(kernel: Path, timeout: float = 10.0) -> bool:
     Where KVM is broken the guest aborts on an MSR write or hangs right after real mode.
     """
     with tempfile.TemporaryDirectory(prefix="kg-probe-") as tmp:
+        runstamp.stamp(Path(tmp))
         serial = Path(tmp) / "serial.log"
         argv = ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-m", "256", "-nodefaults",
                 "-display", "none", "-no-reboot", "-kernel", str(kernel),
@@ -309,7 +314,7 @@ def detect_domain_type(accel: Accel, probe_kernel: Path | None, cache_dir: Path 
 
 
 def cleanup_kept(cache_dir: Path) -> list[str]:
-    """Stop instances kept by earlier runs and remove their files; returns what was removed."""
+    """Stop instances kept by earlier runs (on whatever libvirt URI they ran) and remove their files."""
     done = []
     for record in sorted((cache_dir / "kept").glob("*.json")):
         try:
@@ -317,8 +322,10 @@ def cleanup_kept(cache_dir: Path) -> list[str]:
         except (OSError, ValueError):
             record.unlink(missing_ok=True)
             continue
-        name, pid = str(data.get("name", "")), int(data.get("pid", 0))
-        if pid:
+        name, pid, uri = str(data.get("name", "")), int(data.get("pid", 0)), str(data.get("uri", "embedded"))
+        if uri != "embedded":
+            _destroy_on(uri, name)
+        elif pid:
             with contextlib.suppress(OSError):
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
                 if f"guest={name},".encode() in cmdline:  # never kill a recycled pid
@@ -328,3 +335,18 @@ def cleanup_kept(cache_dir: Path) -> list[str]:
         record.unlink(missing_ok=True)
         done.append(name)
     return done
+
+
+def _destroy_on(uri: str, name: str) -> None:
+    """Destroy a kept domain that a libvirt daemon runs (its QEMU is not ours to signal)."""
+    _silence_libvirt_stderr()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"cannot reach {uri} to stop the kept instance {name}: "
+                              f"{exc.get_error_message()}") from None
+    try:
+        with contextlib.suppress(libvirt.libvirtError):  # already gone is what we want
+            conn.lookupByName(name).destroy()
+    finally:
+        conn.close()

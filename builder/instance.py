@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import paramiko
 
-from builder import disk
+from builder import disk, runstamp
 from builder.context import write_context_iso
 from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
 from builder.errors import InstanceError
@@ -127,6 +127,7 @@ class Instance:
     def start(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix=f"kg-inst-{self.label[:20]}-"))
         self.workdir.chmod(0o700)
+        runstamp.stamp(self.workdir)
         self.serial_log = self.workdir / "serial.log"
         self.key = generate(self.workdir, f"kickgate-{self.name}")
         self.mac = random_mac()

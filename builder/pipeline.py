@@ -12,12 +12,13 @@ import logging
 import shutil
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from builder.build import Artifact, BuildRecord, build_image
+from builder import runstamp
+from builder.build import Artifact, BuildRecord, build_image, load_artifact
 from builder.disk import image_info
 from builder.errors import KickgateError
 from builder.fsutil import atomic_copy, sha256_file
@@ -51,6 +52,21 @@ class ImageUnderTest:
     def build_mac(self) -> str | None:
         return self.record.build_mac if self.record else None
 
+    def to_wire(self) -> dict[str, Any]:
+        """What another process of the same run needs to rebuild this (xdist worker → controller)."""
+        return {"name": self.name, "recipe": self.recipe.name if self.recipe else None, "path": str(self.path),
+                "format": self.format, "sha256": self.sha256, "size": self.size, "cached": self.cached,
+                "seconds": self.seconds, "artifact": str(self.artifact.dir) if self.artifact else None}
+
+
+@dataclass(frozen=True)
+class KeptInstance:
+    """An instance left running for a person, as the summary names it."""
+
+    name: str
+    ssh_command: str
+    serial_log: str
+
 
 @dataclass
 class ImageState:
@@ -66,6 +82,10 @@ class ImageState:
     boot_seconds: list[float] = field(default_factory=list)
     spec_seconds: float = 0.0
     register_seconds: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"image": self.image.to_wire() if self.image else None, "error": self.error,
+                "boot_seconds": self.boot_seconds}
 
 
 def can_build(recipe: Recipe) -> tuple[bool, str]:
@@ -96,12 +116,13 @@ class Pipeline:
         self._start_dir = start_dir
         self.images: dict[str, ImageState] = {}
         self.not_selected: dict[str, str] = {}
-        self.kept: list[Instance] = []
+        self.kept: list[KeptInstance] = []
         self.wants_spare: set[str] = set()  # images whose specs boot a second instance
         self._spares: dict[str, Instance] = {}
         self._selected: list[str] | None = None
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
+        self._kept_instances: list[Instance] = []
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -116,7 +137,7 @@ class Pipeline:
             spare.stop()
         self._spares.clear()
         if self._hv is not None:
-            for inst in self.kept:
+            for inst in self._kept_instances:
                 self._hv.forget(inst.name, inst.workdir)
             self._hv.close()
             self._hv = None
@@ -124,6 +145,8 @@ class Pipeline:
     def hypervisor(self) -> Hypervisor:
         """The run's libvirt connection, opened on first use and closed with the pipeline."""
         if self._hv is None:
+            # Before this run makes anything: what runs that died left behind goes first.
+            runstamp.sweep(self.options.cache_dir)
             hv = Hypervisor(self.options.libvirt_uri, accel=self.options.accel, cache_dir=self.options.cache_dir)
             hv.open()
             self._hv = hv
@@ -260,7 +283,8 @@ class Pipeline:
             if state.current is inst:
                 state.current = None
             if inst.kept:
-                self.kept.append(inst)
+                self._kept_instances.append(inst)
+                self.kept.append(KeptInstance(inst.name, inst.ssh_command(), str(inst.serial_log)))
             self.check_base_unchanged(image)
 
     def _save_instance_log(self, name: str, inst: Instance) -> None:
@@ -275,6 +299,22 @@ class Pipeline:
         if now != image.sha256:
             raise KickgateError(f"{image.path} changed while instances ran (sha256 {image.sha256[:12]}… → "
                                 f"{now[:12]}…): the base image must never be written")
+
+    def adopt(self, name: str, wire: dict[str, Any]) -> None:
+        """Take over what another process of this run learned about an image (its build, its boots)."""
+        state = self.state(name)
+        state.error = wire["error"] or state.error
+        state.boot_seconds += list(wire["boot_seconds"])
+        img = wire["image"]
+        if img is None or state.image is not None:
+            return
+        artifact = load_artifact(Path(img["artifact"])) if img["artifact"] else None
+        state.image = ImageUnderTest(
+            name=img["name"], recipe=self.recipe(img["recipe"]) if img["recipe"] else None, path=Path(img["path"]),
+            format=img["format"], sha256=img["sha256"], size=int(img["size"]),
+            record=artifact.record if artifact else None,
+            artifact=replace(artifact, cached=img["cached"], seconds=img["seconds"]) if artifact else None,
+            cached=bool(img["cached"]), seconds=float(img["seconds"]))
 
     def serial_tail(self, name: str, lines: int = 60) -> str | None:
         state = self.images.get(name)

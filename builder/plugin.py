@@ -19,10 +19,11 @@ import pytest
 from builder.errors import KickgateError
 from builder.instance import Instance
 from builder.options import add_options, run_options
-from builder.pipeline import ImageUnderTest, Pipeline
+from builder.pipeline import ImageUnderTest, KeptInstance, Pipeline
 from builder.registration import RunFacts, gate_and_register
 from builder.registry import open_registry
 from builder.report import junit_properties, summary_lines, write_artifacts
+from builder.signals import received, stop_signals_interrupt
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,16 @@ PLUGIN_NAME = "kickgate-run"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kickgate", "kickgate: build, verify and register VM images")
     add_options(group.addoption, "pytest")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """With pytest-xdist, every image's specs go to one worker: it builds the image once and boots its
+    instances once, however many workers there are (--dist loadgroup, one group per image)."""
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") != "loadgroup":
+        if config.option.dist not in ("no", "load"):
+            log.warning("kickgate: --dist %s replaced by loadgroup (one worker per image)", config.option.dist)
+        config.option.dist = "loadgroup"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -57,6 +68,7 @@ class KickgatePlugin:
         self.config = config
         self.options = run_options(lambda name: config.getoption(name, default=None))
         self._stack = ExitStack()
+        self._stack.enter_context(stop_signals_interrupt())
         # The pipeline (and the libvirt connection it opens) lives exactly as long as this run.
         self.pipeline = self._stack.enter_context(Pipeline(self.options, start_dir=Path(str(config.rootpath))))
         self.collected: dict[str, int] = {}
@@ -74,7 +86,11 @@ class KickgatePlugin:
             names = self.pipeline.selected_images()
         except KickgateError as exc:
             raise pytest.UsageError(str(exc)) from None
-        metafunc.parametrize("built_image", names, indirect=True, ids=names, scope="session")
+        if self.config.pluginmanager.hasplugin("xdist"):
+            params = [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in names]
+            metafunc.parametrize("built_image", params, indirect=True, ids=names, scope="session")
+        else:
+            metafunc.parametrize("built_image", names, indirect=True, ids=names, scope="session")
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
@@ -138,6 +154,11 @@ class KickgatePlugin:
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
 
+    def interrupted_by(self) -> str | None:
+        if not self.interrupted:
+            return None
+        return received() or "Ctrl-C"
+
     # -- gate --------------------------------------------------------------------------------
 
     def narrowed(self) -> str | None:
@@ -160,9 +181,32 @@ class KickgatePlugin:
             reasons.append(f"{self.deselected} specs deselected")
         return "; ".join(reasons) or None
 
+    # -- pytest-xdist: workers build and boot, the controller gates --------------------------
+
+    def _worker_output(self) -> dict[str, Any]:
+        return {"collected": self.collected, "deselected": self.deselected,
+                "images": {name: state.to_wire() for name, state in self.pipeline.images.items()},
+                "kept": [vars(k) for k in self.pipeline.kept]}
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """Controller: take over what a worker learned (its images' builds and boots, its counts)."""
+        data = getattr(node, "workeroutput", {}).get("kickgate")
+        if not data:
+            return
+        for name, count in data["collected"].items():
+            self.collected[name] = max(self.collected.get(name, 0), int(count))
+        self.deselected = max(self.deselected, int(data["deselected"]))
+        for name, wire in data["images"].items():
+            self.pipeline.adopt(name, wire)
+        self.pipeline.kept += [KeptInstance(**k) for k in data["kept"]]
+
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        if hasattr(self.config, "workerinput"):
-            return  # xdist worker: the controller gates on the forwarded reports
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:
+            # xdist worker: the controller gates on the forwarded reports and on this.
+            workeroutput["kickgate"] = self._worker_output()
+            return
         interrupted = self.interrupted or exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop)
         facts = RunFacts(narrowed=self.narrowed(), interrupted=interrupted, register=self.options.register,
                          allow_partial=self.options.allow_partial)
@@ -176,7 +220,8 @@ class KickgatePlugin:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-        lines = summary_lines(self.pipeline.images, self.pipeline.not_selected, self.pipeline.kept)
+        lines = summary_lines(self.pipeline.images, self.pipeline.not_selected, self.pipeline.kept,
+                              interrupted=self.interrupted_by())
         if lines:
             terminalreporter.section("kickgate")
             for line in lines:

@@ -7,18 +7,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 from builder.fsutil import atomic_write_json
-from builder.instance import Instance
-from builder.pipeline import ImageState, copy_into
+from builder.pipeline import ImageState, KeptInstance, copy_into
 
 
 def summary_lines(images: Mapping[str, ImageState], not_selected: Mapping[str, str],
-                  kept: Iterable[Instance]) -> list[str]:
+                  kept: Iterable[KeptInstance], interrupted: str | None = None) -> list[str]:
     """One line per image: how it was built, its checksum, boot time, specs and what the gate did."""
-    lines = [f"{name}: not selected ({why}); name it with --image to try anyway" for name, why in not_selected.items()]
+    lines = [f"interrupted ({interrupted}): guests stopped, work files removed, nothing registered"] \
+        if interrupted else []
+    lines += [f"{name}: not selected ({why}); name it with --image to try anyway" for name, why in not_selected.items()]
     for name, state in images.items():
         img = state.image
         if img is None:
-            lines.append(f"{name}: NOT built: {state.error or 'not reached'}")
+            lines.append(f"{name}: NOT built: {state.error or ('interrupted' if interrupted else 'not reached')}")
             continue
         how = "prebuilt" if img.artifact is None else ("cached" if img.cached else "built")
         parts = [f"{name}: {how} ({img.seconds:.1f}s) sha256 {img.sha256[:12]}"]
@@ -36,7 +37,7 @@ def summary_lines(images: Mapping[str, ImageState], not_selected: Mapping[str, s
             parts.append(f"NOT registered: {state.verdict.reason}")
         lines.append(" | ".join(parts))
     for inst in kept:
-        lines.append(f"kept {inst.name}: {inst.ssh_command()}  (serial log {inst.serial_log}); "
+        lines.append(f"kept {inst.name}: {inst.ssh_command}  (serial log {inst.serial_log}); "
                      f"remove it with: kickgate cleanup")
     return lines
 

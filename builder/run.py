@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,18 +30,39 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool =
     if env is not None:
         full_env = dict(os.environ)
         full_env.update(env)
+    # Its own session: an interrupt or timeout stops the whole process group, so tools that fork
+    # (mmdebstrap's apt and dpkg) leave nothing running behind.
     try:
-        proc = subprocess.run(args, capture_output=True, cwd=cwd, env=full_env,
-                              input=input, stdin=None if input is not None else subprocess.DEVNULL,
-                              timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise CommandError(args, None, _text(exc.stdout) + _text(exc.stderr), timeout=timeout) from None
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd, env=full_env,
+                                start_new_session=True)
     except FileNotFoundError:
         raise CommandError(args, 127, f"{args[0]}: command not found (run ci/setup to install it)") from None
-    result = subprocess.CompletedProcess(args, proc.returncode, _text(proc.stdout), _text(proc.stderr))
+    with proc:
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            out, err = _kill_group(proc)
+            raise CommandError(args, None, _joined(_text(out), _text(err)), timeout=timeout) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+    result = subprocess.CompletedProcess(args, proc.returncode, _text(out), _text(err))
     if check and result.returncode != 0:
         raise CommandError(args, result.returncode, _joined(result.stdout, result.stderr))
     return result
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
+    """Kill the command's whole process group; what it printed so far."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        out, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:  # a descendant that left the group still holds the pipes
+        proc.wait()
+        return b"", b""
+    return out or b"", err or b""
 
 
 def _text(data: bytes | str | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -71,3 +72,28 @@ def test_a_qemu_img_warning_does_not_break_its_json(tmp_path: Path, monkeypatch:
     info = image_info(image)
     assert run(["qemu-img", "--version"], timeout=10).stderr.startswith("warning:")  # the shim was in use
     assert info["format"] == "qcow2" and info["virtual-size"] == 16 * 1024 * 1024
+
+
+def _running(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False).stdout.split()
+
+
+def test_a_timeout_stops_the_whole_process_group() -> None:
+    with pytest.raises(CommandError):
+        run(["sh", "-c", "sleep 301.25 & sleep 301.25"], timeout=0.5)
+    assert _running("sleep 301.25") == [], "a child of the timed-out command is still running"
+
+
+def test_an_interrupt_stops_the_whole_process_group() -> None:
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(KeyboardInterrupt):
+            run(["sh", "-c", "sleep 302.25 & sleep 302.25"], timeout=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert _running("sleep 302.25") == [], "a child of the interrupted command is still running"

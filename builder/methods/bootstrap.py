@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from builder import disk
+from builder import disk, runstamp
 from builder.domain import Disk, DomainSpec, Nic, random_mac
 from builder.domainrun import DomainJob, run_domain
 from builder.errors import BuildError
@@ -96,6 +96,7 @@ def cached_tree(ctx: BuildContext, tree: Path) -> None:
             shutil.rmtree(final)
         if not (final / ".complete").exists():
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=trees))
+            runstamp.stamp(staging)
             try:
                 shutil.rmtree(final, ignore_errors=True)
                 run(mmdebstrap_argv(ctx.recipe, staging / "tree"), timeout=ctx.recipe.vm.build_timeout_s)
