@@ -239,7 +239,8 @@ class _Slots:
         text = str(value)
         bad = forbidden_char(text)
         if bad is not None:
-            raise _UnsafeValue(f"an expression renders {describe_char(bad)}: {text!r}")
+            # The value itself is not shown: it may be a secret, or part of one.
+            raise _UnsafeValue(f"an expression renders a value containing {describe_char(bad)}")
         self.values.append(text)
         return f"\x00kg-slot-{len(self.values) - 1}\x00"
 
