@@ -6,8 +6,10 @@ file, the key (and its line when it can be found) and what to do.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +20,24 @@ from builder.errors import RecipeError
 Method = Literal["bootstrap", "kickstart"]
 Family = Literal["debian", "rhel"]
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# Every pattern is matched with fullmatch: "$" alone would accept a trailing newline.
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
 # Debian policy 5.6.7 for names; an optional "=version" pin as apt accepts it.
-_DEB_PKG_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?$")
-_SCRIPT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_ATTR_RE = re.compile(r"^[A-Z][A-Z0-9_]*$")
-_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+)\s*([smh]?)\s*$")
+_DEB_PKG_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:-]+)?")
+_SCRIPT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_ATTR_RE = re.compile(r"[A-Z][A-Z0-9_]*")
+_VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MODULE_RE = re.compile(r"[a-z0-9_-]+")
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", re.IGNORECASE)
+_DURATION_RE = re.compile(r"\s*(\d+)\s*([smh]?)\s*")
+
+# [vars] become shell variables of every post-install script: these names would change how the
+# shell or the dynamic loader behaves for the whole script, not just pass a value.
+_SHELL_SPECIAL_VARS = frozenset({"PATH", "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "CDPATH",
+                                 "GLOBIGNORE", "PS4", "HOME", "IMAGE_NAME", "IMAGE_FAMILY"})
+_SHELL_SPECIAL_PREFIXES = ("LD_",)
+# Bidirectional overrides make a value read differently from what the shell or registry sees.
+_BIDI_CONTROLS = frozenset("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 # Attributes the gate computes; a recipe that sets them would lie about provenance.
 RESERVED_ATTRIBUTES = frozenset({
@@ -135,7 +147,8 @@ class _Ctx:
                 if key is not None and header == (f"{section}.{key}" if section else key):
                     return i
                 continue
-            if in_section and key is not None and re.match(rf"^\"?{re.escape(key)}\"?\s*=", line):
+            if in_section and key is not None and any(
+                    re.match(rf"^[\"']?{re.escape(k)}[\"']?\s*=", line) for k in _key_spellings(key)):
                 return i
         return None
 
@@ -147,6 +160,62 @@ class _Ctx:
         return RecipeError(self.path, where, problem, hint)
 
 
+def _key_spellings(key: str) -> tuple[str, ...]:
+    """How a key can appear in the file: as is, or with escapes in a quoted key ("a\\nb")."""
+    return (key, json.dumps(key)[1:-1])
+
+
+def forbidden_char(text: str) -> str | None:
+    """The first character that has no place in a one-line value: a line break (as any of
+    Python's or pykickstart's line splitting sees one), another control character, or a
+    bidirectional override."""
+    for c in text:
+        if c in _BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return c
+    return None
+
+
+def describe_char(c: str) -> str:
+    kind = "a line break" if c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029" else "a control character"
+    return f"{kind} (U+{ord(c):04X})"
+
+
+_ONE_LINE_HINT = ("every recipe key and value is one line of printable text, because values end up in "
+                  "shell lines, kickstart commands and registry templates: remove it (multi-line text "
+                  "belongs in a script under scripts/node/)")
+
+
+def _check_one_line(ctx: _Ctx, data: Mapping[str, Any]) -> None:
+    """Refuse line breaks and control characters in every key and string of the recipe."""
+
+    def check(section: str | None, key: str, value: object, label: str) -> None:
+        if isinstance(value, str):
+            bad = forbidden_char(value)
+            if bad is not None:
+                raise ctx.error(section, key, f"{label}{value!r} contains {describe_char(bad)}", _ONE_LINE_HINT)
+        elif isinstance(value, list):
+            for i, item in enumerate(value, 1):
+                check(section, key, item, f"{label}item {i}: ")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                check_key(section, key, k, label)
+                check(section, key, v, f"{label}{k}: ")
+
+    def check_key(section: str | None, key: str, k: str, label: str = "") -> None:
+        bad = forbidden_char(k)
+        if bad is not None:
+            raise ctx.error(section, key, f"{label}the key {k!r} contains {describe_char(bad)}", _ONE_LINE_HINT)
+
+    for top, value in data.items():
+        check_key(None, top, top)
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check_key(top, k, k)
+                check(top, k, v, "")
+        else:
+            check(None, top, value, "")
+
+
 def parse_size_mib(value: object) -> int:
     """'3G', '512M', '3GiB', 2048 (MiB) → MiB. Raises ValueError."""
     if isinstance(value, bool):
@@ -154,7 +223,7 @@ def parse_size_mib(value: object) -> int:
     if isinstance(value, int):
         mib = value
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         if not m:
             raise ValueError("not a size")
         num = float(m.group(1))
@@ -176,7 +245,7 @@ def parse_duration_s(value: object) -> int:
     if isinstance(value, int):
         secs = value
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
+        m = _DURATION_RE.fullmatch(value)
         if not m:
             raise ValueError("not a duration")
         secs = int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
@@ -228,6 +297,7 @@ def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(path, "", f"not valid TOML: {exc}") from None
     ctx = _Ctx(path, text)
+    _check_one_line(ctx, data)
 
     for k in data:
         if k not in _TOP_KEYS:
@@ -235,7 +305,7 @@ def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
 
     folder_name = recipe_dir.name
     name = _str(ctx, None, "name", data.get("name", folder_name))
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ctx.error(None, "name", f"invalid image name {name!r}", "use lower-case letters, digits, '.', '_', '-'")
     if name != folder_name:
         raise ctx.error(None, "name", f"{name!r} differs from the folder name {folder_name!r}",
@@ -317,7 +387,7 @@ def _load_bootstrap(ctx: _Ctx, data: Mapping[str, Any]) -> BootstrapSpec:
     components = _str_list(ctx, "bootstrap", "components", t.get("components", ["main"]))
     packages = _str_list(ctx, "bootstrap", "packages", t.get("packages", []))
     for i, pkg in enumerate(packages):
-        if not _DEB_PKG_RE.match(pkg):
+        if not _DEB_PKG_RE.fullmatch(pkg):
             raise ctx.error("bootstrap", "packages", f"item {i + 1}: {pkg!r} is not a valid Debian package name",
                             "names are lower-case letters, digits and + . -")
     if len(set(packages)) != len(packages):
@@ -325,8 +395,9 @@ def _load_bootstrap(ctx: _Ctx, data: Mapping[str, Any]) -> BootstrapSpec:
         raise ctx.error("bootstrap", "packages", f"listed twice: {', '.join(dup)}", "remove the duplicate")
     modules = _str_list(ctx, "bootstrap", "initramfs_modules", t.get("initramfs_modules", []))
     for mod in modules:
-        if not re.match(r"^[a-z0-9_-]+$", mod):
-            raise ctx.error("bootstrap", "initramfs_modules", f"{mod!r} is not a kernel module name")
+        if not _MODULE_RE.fullmatch(mod):
+            raise ctx.error("bootstrap", "initramfs_modules", f"{mod!r} is not a kernel module name",
+                            "use the module's file name without .ko: lower-case letters, digits, _ and -")
     return BootstrapSpec(suite=suite, mirror=mirror.rstrip("/"), components=components, packages=packages,
                          initramfs_modules=modules)
 
@@ -354,7 +425,7 @@ def _load_scripts(ctx: _Ctx, data: Mapping[str, Any], recipe_dir: Path, common_d
     for ns, folder in namespaces:
         names = _str_list(ctx, "scripts", ns, t.get(ns, []))
         for name in names:
-            if not _SCRIPT_RE.match(name):
+            if not _SCRIPT_RE.fullmatch(name):
                 raise ctx.error("scripts", ns, f"{name!r} is not a plain file name", "name a file inside the folder")
             path = folder / name
             if not path.is_file():
@@ -373,8 +444,13 @@ def _load_vars(ctx: _Ctx, data: Mapping[str, Any]) -> tuple[tuple[str, str], ...
         raise ctx.error(None, "vars", "must be a table [vars]")
     out = []
     for k, v in t.items():
-        if not _VAR_RE.match(k):
-            raise ctx.error("vars", k, "variable names are letters, digits and _")
+        if not _VAR_RE.fullmatch(k):
+            raise ctx.error("vars", k, f"{k!r} is not a shell variable name",
+                            "use letters, digits and _, not starting with a digit")
+        if k in _SHELL_SPECIAL_VARS or k.startswith(_SHELL_SPECIAL_PREFIXES):
+            raise ctx.error("vars", k, f"{k!r} would change how the post-install scripts' shell runs",
+                            "rename it; PATH, IFS, ENV, BASH_ENV, HOME, LD_* and kickgate's IMAGE_NAME and "
+                            "IMAGE_FAMILY are not recipe variables")
         if isinstance(v, bool):
             v = "true" if v else "false"
         elif isinstance(v, int | float):
@@ -392,7 +468,7 @@ def _load_register(ctx: _Ctx, data: Mapping[str, Any], name: str, description: s
     attrs: list[tuple[str, str]] = []
     reg_name, typ, public, desc = name, "OS", False, description
     for k, v in t.items():
-        if not _ATTR_RE.match(k):
+        if not _ATTR_RE.fullmatch(k):
             raise ctx.error("register", k, "attribute names are upper-case (OpenNebula template keys)",
                             f"write {k.upper()}")
         if k in RESERVED_ATTRIBUTES:
@@ -404,8 +480,9 @@ def _load_register(ctx: _Ctx, data: Mapping[str, Any], name: str, description: s
         else:
             raise ctx.error("register", k, f"must be a string, number or boolean, got {type(v).__name__}")
         if k == "NAME":
-            if not _NAME_RE.match(sval):
-                raise ctx.error("register", k, f"invalid image name {sval!r}")
+            if not _NAME_RE.fullmatch(sval):
+                raise ctx.error("register", k, f"invalid image name {sval!r}",
+                                "use lower-case letters, digits, '.', '_', '-'")
             reg_name = sval
         elif k == "TYPE":
             if sval not in ("OS", "CDROM", "DATABLOCK"):
@@ -450,9 +527,6 @@ class RecipeBook:
             known = ", ".join(self.names()) or "none"
             raise RecipeError(folder / "image.toml", "", f"no recipe named {name!r}", f"known recipes: {known}")
         return load_recipe(folder, self.common_dir)
-
-    def load_all(self, names: Iterable[str] | None = None) -> list[Recipe]:
-        return [self.load(n) for n in (names if names is not None else self.names())]
 
 
 def find_root(start: Path | None = None) -> Path:

