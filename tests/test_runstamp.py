@@ -71,6 +71,9 @@ def test_sweep_stops_a_dead_runs_processes_and_removes_its_dirs(sandbox: Path) -
     wait = ["-c", "import time; time.sleep(300)"]
     orphan = subprocess.Popen([str(qemu), *wait, str(dead_inst / "overlay.qcow2")])
     survivor = subprocess.Popen([str(qemu), *wait, str(kept_inst / "overlay.qcow2"), str(dead_inst / "socket")])
+    for proc in (orphan, survivor):  # until they have exec'd, their command lines are this process's
+        while b"qemu-system" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0", 1)[0]:
+            time.sleep(0.01)
     try:
         removed = runstamp.sweep(cache)
         assert sorted(removed) == sorted([dead_inst, staging])
