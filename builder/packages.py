@@ -151,7 +151,10 @@ _BY_VERSION = functools.cmp_to_key(_cmp_packages)
 
 # source:Package and source:Version fall back to the binary's own name and version when a
 # package has no Source field; db:Status-Status tells unpacked packages from removed ones.
-_DPKG_FORMAT = "${Package}\t${Version}\t${Architecture}\t${source:Package}\t${source:Version}\t${db:Status-Status}\n"
+# dpkg-query's warnings arrive in the same stream (run() merges stderr), hence the line tag.
+_DPKG_TAG = "kickgate-dpkg"
+_DPKG_FORMAT = (f"{_DPKG_TAG}\t${{Package}}\t${{Version}}\t${{Architecture}}\t${{source:Package}}"
+                "\t${source:Version}\t${db:Status-Status}\n")
 # Package states whose files are on disk; "config-files" and "not-installed" entries are not.
 _DPKG_PRESENT = frozenset({"installed", "unpacked", "half-configured", "triggers-awaited", "triggers-pending"})
 
@@ -174,12 +177,16 @@ def read_dpkg(admindir: Path, *, root: Path | None = None, timeout: float = 120)
     out = run(["dpkg-query", f"--admindir={admindir}", "-W", "-f", _DPKG_FORMAT], timeout=timeout).stdout
     packages: set[Package] = set()
     licence_cache: dict[str, tuple[str, ...] | None] = {}
+    messages: list[str] = []
     for lineno, line in enumerate(out.splitlines(), 1):
+        if not line.startswith(_DPKG_TAG + "\t"):
+            messages.append(line)
+            continue
         fields = line.split("\t")
-        if len(fields) != 6:
+        if len(fields) != 7:
             raise PackageError(f"dpkg-query --admindir={admindir}: output line {lineno} {line!r} "
-                               "does not have 6 tab-separated fields")
-        name, version, arch, source, source_version, status = fields
+                               "does not have 7 tab-separated fields")
+        _, name, version, arch, source, source_version, status = fields
         if status not in _DPKG_PRESENT:
             continue
         if status != "installed":
@@ -192,6 +199,8 @@ def read_dpkg(admindir: Path, *, root: Path | None = None, timeout: float = 120)
             licences = licence_cache[name]
         packages.add(Package(kind="deb", name=name, version=version, arch=arch, source=source or name,
                              source_version=source_version or version, licences=licences))
+    if messages:
+        log.warning("dpkg-query --admindir=%s said:\n%s", admindir, "\n".join(messages))
     return sort_packages(packages)
 
 
