@@ -24,7 +24,6 @@ from cyclonedx.model.license import DisjunctiveLicense, LicenseAcknowledgement, 
 from cyclonedx.model.tool import ToolRepository
 from cyclonedx.output.json import JsonV1Dot6
 from cyclonedx.schema import SchemaVersion
-from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 
 import builder
@@ -169,6 +168,9 @@ def sbom_json(bom: Bom) -> str:
 
 def validate_sbom_json(text: str) -> None:
     """Raise SbomError unless ``text`` is valid against the CycloneDX 1.6 JSON schema."""
+    # Imported here: jsonschema's format checkers take seconds to import, and only validation needs them.
+    from cyclonedx.validation.json import JsonStrictValidator
+
     error = JsonStrictValidator(SCHEMA_VERSION).validate_str(text)
     if error is not None:
         raise SbomError(f"SBOM does not match the CycloneDX {SCHEMA_VERSION.to_version()} JSON schema: {error}")
