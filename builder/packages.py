@@ -293,10 +293,10 @@ def parse_rpm_lines(lines: Iterable[str], *, marker: str | None = None,
     for lineno, raw in enumerate(lines, 1):
         line = raw.strip()
         if marker is not None:
-            head, _, rest = line.partition(" ")
-            if head != marker:
+            words = line.split(None, 1)
+            if not words or words[0] != marker:
                 continue
-            line = rest.strip()
+            line = words[1] if len(words) > 1 else ""
         if not line:
             continue
         fields = line.split(None, 4)
@@ -523,6 +523,8 @@ def decode_manifest(text: str) -> tuple[Package, ...]:
         raw = inflater.decompress(compressed, _MAX_INFLATED)
         if inflater.unconsumed_tail:
             raise PackageError(f"{what}: inflates beyond {_MAX_INFLATED} bytes")
+        if not inflater.eof:
+            raise PackageError(f"{what}: the compressed data is cut short (was the attribute truncated?)")
         doc = json.loads(raw)
     except (binascii.Error, zlib.error, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PackageError(f"{what}: {exc}") from None

@@ -284,7 +284,8 @@ def test_query_format_is_what_the_parser_reads() -> None:
 
 
 def test_parse_rpm_lines() -> None:
-    pkgs = parse_rpm_lines(RPM_LINES.splitlines(), marker="KICKGATE-PKG", origin="serial.log")
+    lines = [*RPM_LINES.splitlines(), "KICKGATE-PKGS-END", "KICKGATE-PKG"]  # other markers, an empty entry
+    pkgs = parse_rpm_lines(lines, marker="KICKGATE-PKG", origin="serial.log")
     assert [(p.name, p.version, p.arch) for p in pkgs] == [
         ("bash", "5.1.8-9.el9", "x86_64"),                 # epoch 0 left out
         ("bind-libs", "32:9.16.23-18.el9_4.6", "x86_64"),  # a real epoch kept
@@ -450,6 +451,13 @@ def test_manifest_over_the_bound_names_the_limit() -> None:
 def test_decode_rejects_what_is_not_a_manifest(text: str) -> None:
     with pytest.raises(PackageError):
         decode_manifest(text)
+
+
+def test_decode_refuses_a_truncated_manifest() -> None:
+    encoded = encode_manifest([deb(f"p{i}", "1.0") for i in range(200)])
+    cut = base64.b64encode(base64.b64decode(encoded)[:-40]).decode()
+    with pytest.raises(PackageError, match="cut short"):
+        decode_manifest(cut)
 
 
 def test_decode_refuses_a_manifest_that_inflates_without_bound(monkeypatch: pytest.MonkeyPatch) -> None:
