@@ -468,10 +468,10 @@ def render_diff(diff: PackageDiff, against: str) -> str:
 # --------------------------------------------------------------------------- manifest
 
 # Where the encoded manifest goes: one attribute of an OpenNebula image template. oned puts no
-# length limit on a template value itself (its flex lexer, src/parsers/template_parser.l, reads a
-# quoted string of any length); the limits are around it:
+# length limit on a template value itself (its flex lexer reads a quoted string of any length:
+# OpenNebula's src/parsers/template_parser.l); the limits are around it:
 # - the whole image, template included, is one XML body in image_pool.body, a MEDIUMTEXT column
-#   on MySQL (src/sql/OneDB.cc): at most 16 MiB - 1;
+#   with the MySQL backend (src/sql/OneDB.cc): at most 16 MiB - 1 (SQLite, the default, allows more);
 # - oned caps every XML-RPC message at MESSAGE_SIZE (oned.conf, default 1073741824 bytes,
 #   applied with xmlrpc_limit_set in src/rm/RequestManager.cc);
 # - one.imagepool.info returns every image's template in one reply, so each listing carries
