@@ -92,10 +92,20 @@ def _kind(value: object) -> Kind:
     raise PackageError(f"unknown package kind {value!r}: expected one of {', '.join(KINDS)}")
 
 
+# Earlier kickstart builds recorded rpm versions as version-release.arch.
+_RPM_ARCH_SUFFIX_RE = re.compile(r"^(.+)\.(x86_64|i686|i586|i386|noarch|aarch64|ppc64le|s390x|armv7hl)$")
+
+
 def packages_from_pairs(pairs: Iterable[Sequence[str]], kind: Kind) -> tuple[Package, ...]:
-    """Packages from the ``(name, version)`` pairs older build records hold (arch unknown)."""
+    """Packages from the ``(name, version)`` pairs older build records hold (arch unknown,
+    or split off an rpm version that ends in ``.<arch>``)."""
     _kind(kind)
-    out = {Package(kind=kind, name=p[0], version=p[1], arch="", source=p[0], source_version=p[1]) for p in pairs}
+    out: set[Package] = set()
+    for name, version, *_ in pairs:
+        arch = ""
+        if kind == "rpm" and (m := _RPM_ARCH_SUFFIX_RE.match(version)):
+            version, arch = m.group(1), m.group(2)
+        out.add(Package(kind=kind, name=name, version=version, arch=arch, source=name, source_version=version))
     return sort_packages(out)
 
 

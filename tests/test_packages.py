@@ -395,6 +395,15 @@ def test_legacy_name_version_pairs_compare_with_full_lists() -> None:
     assert d.unchanged == 1 and [c.name for c in d.upgraded] == ["libc6"] and not d.added and not d.removed
 
 
+def test_legacy_rpm_pairs_carry_the_arch_in_the_version() -> None:
+    old = packages_from_pairs([("bash", "5.1.8-6.el9.x86_64"), ("tzdata", "2024a-1.el9.noarch")], "rpm")
+    assert [(p.name, p.version, p.arch) for p in old] == [("bash", "5.1.8-6.el9", "x86_64"),
+                                                          ("tzdata", "2024a-1.el9", "noarch")]
+    d = diff_packages(old, [rpm("bash", "5.1.8-9.el9"), rpm("tzdata", "2024a-1.el9", "noarch")])
+    assert [(c.old.version, c.new.version) for c in d.upgraded] == [("5.1.8-6.el9", "5.1.8-9.el9")]
+    assert d.unchanged == 1
+
+
 def test_mixed_kinds_cannot_be_compared() -> None:
     with pytest.raises(PackageError, match="different kinds"):
         diff_packages([deb("a", "1")], [rpm("a", "1-1")])
