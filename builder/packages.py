@@ -161,7 +161,8 @@ _BY_VERSION = functools.cmp_to_key(_cmp_packages)
 
 # source:Package and source:Version fall back to the binary's own name and version when a
 # package has no Source field; db:Status-Status tells unpacked packages from removed ones.
-# dpkg-query's warnings arrive in the same stream (run() merges stderr), hence the line tag.
+# Package lines carry a tag so that nothing else printed on stdout (or on a merged stream)
+# is taken for a package; dpkg-query's warnings are passed on as log warnings.
 _DPKG_TAG = "kickgate-dpkg"
 _DPKG_FORMAT = (f"{_DPKG_TAG}\t${{Package}}\t${{Version}}\t${{Architecture}}\t${{source:Package}}"
                 "\t${source:Version}\t${db:Status-Status}\n")
@@ -184,7 +185,8 @@ def read_dpkg(admindir: Path, *, root: Path | None = None, timeout: float = 120)
         root = admindir.parents[2]
     if root is None:
         log.info("%s is not TREE/var/lib/dpkg and no root was given: licences left unknown", admindir)
-    out = run(["dpkg-query", f"--admindir={admindir}", "-W", "-f", _DPKG_FORMAT], timeout=timeout).stdout
+    result = run(["dpkg-query", f"--admindir={admindir}", "-W", "-f", _DPKG_FORMAT], timeout=timeout)
+    out = result.stdout
     packages: set[Package] = set()
     licence_cache: dict[str, tuple[str, ...] | None] = {}
     messages: list[str] = []
@@ -209,6 +211,7 @@ def read_dpkg(admindir: Path, *, root: Path | None = None, timeout: float = 120)
             licences = licence_cache[name]
         packages.add(Package(kind="deb", name=name, version=version, arch=arch, source=source or name,
                              source_version=source_version or version, licences=licences))
+    messages += [line for line in (result.stderr or "").splitlines() if line.strip()]
     if messages:
         log.warning("dpkg-query --admindir=%s said:\n%s", admindir, "\n".join(messages))
     return sort_packages(packages)
