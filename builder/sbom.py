@@ -26,7 +26,7 @@ from cyclonedx.output.json import JsonV1Dot6
 from cyclonedx.schema import SchemaVersion
 from packageurl import PackageURL
 
-import builder
+from builder import __version__
 from builder.errors import KickgateError
 from builder.packages import Package
 
@@ -131,8 +131,8 @@ def build_sbom(packages: Iterable[Package], *, image_name: str, image_sha256: st
     if not build_id:
         raise SbomError(f"SBOM of {image_name}: build_id is empty; pass the build record's id")
     tools = ToolRepository()
-    tools.components.add(Component(type=ComponentType.APPLICATION, name="kickgate", version=builder.__version__,
-                                   bom_ref=f"kickgate@{builder.__version__}"))
+    tools.components.add(Component(type=ComponentType.APPLICATION, name="kickgate", version=__version__,
+                                   bom_ref=f"kickgate@{__version__}"))
     image = Component(type=ComponentType.OPERATING_SYSTEM, name=image_name,
                       bom_ref=f"image:{image_name}@sha256:{image_sha256}",
                       hashes=[HashType(alg=HashAlgorithm.SHA_256, content=image_sha256)],
