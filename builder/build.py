@@ -29,6 +29,7 @@ from builder.errors import BuildError, KickgateError
 from builder.fsutil import atomic_write_text, private_key_file, sha256_file
 from builder.hypervisor import Hypervisor
 from builder.method import PACKAGE_DIR, BuildContext, BuildOptions, Method, code_files, get_method
+from builder.packages import Package, packages_from_json, packages_from_pairs
 from builder.provenance import git_state
 from builder.recipe import Recipe
 from builder.run import run
@@ -63,7 +64,7 @@ class BuildRecord:
     serial_log: str  # name inside the artifact directory
     build_mac: str
     domain_type: str
-    packages: tuple[tuple[str, str], ...]
+    packages: tuple[Package, ...]
     extra: Mapping[str, str]
 
     def to_json(self) -> str:
@@ -72,7 +73,11 @@ class BuildRecord:
     @classmethod
     def from_json(cls, text: str) -> BuildRecord:
         data = json.loads(text)
-        data["packages"] = tuple(tuple(p) for p in data.get("packages", ()))
+        listed = data.get("packages", ())
+        if listed and not isinstance(listed[0], dict):  # records before package metadata: (name, version)
+            data["packages"] = packages_from_pairs(listed, "rpm" if data.get("family") == "rhel" else "deb")
+        else:
+            data["packages"] = packages_from_json(listed)
         return cls(**data)
 
 

@@ -111,8 +111,37 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    name, _, version = args.ref.partition("@")
-    print(json.dumps(dict(_registry(args).get(name, version or "latest").details), indent=2, default=str))
+    print(json.dumps(dict(_registry(args).get(*_ref(args.ref)).details), indent=2, default=str))
+    return 0
+
+
+def _ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition("@")
+    return name, version or "latest"
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from builder.inventory import from_attributes
+    from builder.packages import diff_packages, render_diff
+    from builder.registration import version_label
+
+    registry = _registry(args)
+    old, new = (registry.get(*_ref(ref)) for ref in (args.old, args.new))
+    diff = diff_packages(from_attributes(old.attributes, version_label(old)).packages,
+                         from_attributes(new.attributes, version_label(new)).packages)
+    if args.json:
+        print(json.dumps({"old": version_label(old), "new": version_label(new), **diff.to_json()}, indent=2))
+    else:
+        print(f"{version_label(new)}: " + render_diff(diff, version_label(old)))
+    return 0
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from builder.inventory import stored_sbom
+    from builder.registration import version_label
+
+    reg = _registry(args).get(*_ref(args.ref))
+    sys.stdout.write(stored_sbom(reg.attributes, version_label(reg)))
     return 0
 
 
@@ -155,12 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build)
 
     for name, func, helptext in (("images", cmd_images, "list registered images"),
-                                 ("show", cmd_show, "show one registered image's record")):
+                                 ("show", cmd_show, "show one registered image's record"),
+                                 ("diff", cmd_diff, "packages added, removed, up- and downgraded between two "
+                                  "registered versions"),
+                                 ("sbom", cmd_sbom, "print the CycloneDX SBOM of a registered image")):
         s = sub.add_parser(name, help=helptext)
-        if name == "show":
+        if name in ("show", "sbom"):
             s.add_argument("ref", metavar="NAME[@VERSION]")
+        if name == "diff":
+            s.add_argument("old", metavar="NAME@A")
+            s.add_argument("new", metavar="NAME@B")
         add_options(s.add_argument, "registry")
-        s.add_argument("--json", action="store_true", help="JSON output")
+        if name != "sbom":
+            s.add_argument("--json", action="store_true", help="JSON output")
         s.set_defaults(func=func)
 
     s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove what dead runs left")

@@ -27,6 +27,7 @@ from builder.hypervisor import Hypervisor
 from builder.instance import Instance, InstanceOptions
 from builder.method import BuildOptions
 from builder.options import RunOptions
+from builder.packages import PackageDiff
 from builder.recipe import Recipe, RecipeBook, find_root
 from builder.registry.base import Registered
 
@@ -82,6 +83,8 @@ class ImageState:
     boot_seconds: list[float] = field(default_factory=list)
     spec_seconds: float = 0.0
     register_seconds: float = 0.0
+    package_diff: PackageDiff | None = None  # against the version registered before, when there is one
+    package_diff_line: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"image": self.image.to_wire() if self.image else None, "error": self.error,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest import junitxml
 
 from builder.errors import KickgateError
 from builder.instance import Instance
@@ -22,7 +23,7 @@ from builder.options import add_options, run_options
 from builder.pipeline import ImageUnderTest, KeptInstance, Pipeline
 from builder.registration import RunFacts, gate_and_register
 from builder.registry import open_registry
-from builder.report import junit_properties, summary_lines, write_artifacts
+from builder.report import junit_properties, suite_properties, summary_lines, write_artifacts
 from builder.signals import received, stop_signals_interrupt
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class KickgatePlugin:
         self.deselected = 0
         self.not_applicable: set[str] = set()  # node ids of specs for another OS family
         self.interrupted = False
+        self._stopped_by: str | None = None
 
     # -- collection --------------------------------------------------------------------------
 
@@ -153,11 +155,13 @@ class KickgatePlugin:
 
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
+        # pytest stops a session with its own Interrupted (collection errors, -x): not a person or a signal.
+        self._stopped_by = str(excinfo.value) if isinstance(excinfo.value, pytest.Session.Interrupted) else None
 
     def interrupted_by(self) -> str | None:
         if not self.interrupted:
             return None
-        return received() or "Ctrl-C"
+        return self._stopped_by or received() or "Ctrl-C"
 
     # -- gate --------------------------------------------------------------------------------
 
@@ -201,6 +205,7 @@ class KickgatePlugin:
             self.pipeline.adopt(name, wire)
         self.pipeline.kept += [KeptInstance(**k) for k in data["kept"]]
 
+    @pytest.hookimpl(tryfirst=True)  # before junitxml writes its report: the gate adds properties to it
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
@@ -216,6 +221,11 @@ class KickgatePlugin:
             for name, state in self.pipeline.images.items():
                 if state.verdict is not None:
                     write_artifacts(self.options.artifacts_dir, name, state)
+        junit = self.config.stash.get(junitxml.xml_key, None)
+        if junit is not None:
+            for name, state in self.pipeline.images.items():
+                for key, value in suite_properties(name, state):
+                    junit.add_global_property(key, value)
         if failed and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

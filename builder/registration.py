@@ -12,6 +12,8 @@ from builder import __version__
 from builder.errors import KickgateError, RegistryError
 from builder.fsutil import sha256_file
 from builder.gate import SpecResults, Verdict, decide, specs_attribute
+from builder.inventory import DIFF_ATTR, SBOM_FILE, Inventory, diff_against
+from builder.packages import PackageDiff
 from builder.pipeline import ImageState, ImageUnderTest
 from builder.provenance import git_state
 from builder.registry.base import Registered, Registration, Registry
@@ -29,8 +31,43 @@ class RunFacts:
     allow_partial: bool
 
 
-def registration_for(image: ImageUnderTest, results: SpecResults) -> Registration:
-    """The template the article registers, plus provenance: Source, GitRev, checksum, spec results."""
+def inventory_of(image: ImageUnderTest) -> Inventory | None:
+    """The package facts of a built image (a prebuilt --image-path file has none)."""
+    record, recipe = image.record, image.recipe
+    if record is None or recipe is None or not record.packages:
+        return None
+    if recipe.bootstrap is not None:
+        vendor, distro = "debian", recipe.bootstrap.suite
+    else:
+        # The install tree's product name ("Rocky Linux") names the vendor; [vars] purl_vendor overrides.
+        product = record.extra.get("product", "")
+        vendor = recipe.variables_map.get("purl_vendor") or (product.split()[0].lower() if product else "redhat")
+        major = "".join(ch for ch in (recipe.kickstart.version if recipe.kickstart else "") if ch.isdigit())
+        distro = f"{vendor}-{major}" if major else vendor
+    return Inventory(name=recipe.register.name, sha256=image.sha256, build_id=record.build_id,
+                     built_at=record.built_at, packages=record.packages, vendor=vendor, distro=distro)
+
+
+def version_label(reg: Registered) -> str:
+    """How people name a registered version: "generic-dev v3" (local), "image 17, generic-dev-v3" (OpenNebula)."""
+    return f"{reg.name} v{reg.version}" if reg.registry == "local" else f"image {reg.version}, {reg.name}"
+
+
+def package_diff(inventory: Inventory, registry: Registry) -> tuple[PackageDiff, str] | None:
+    """The difference to the newest version of the same NAME in registry, or None for a first version."""
+    try:
+        previous = registry.get(inventory.name)
+    except RegistryError:
+        return None
+    if previous.sha256 == inventory.sha256:
+        return None  # the same bytes again: nothing to compare with
+    return diff_against(inventory.packages, previous.attributes, version_label(previous))
+
+
+def registration_for(image: ImageUnderTest, results: SpecResults, inventory: Inventory | None = None,
+                     diff_line: str | None = None) -> Registration:
+    """The template the article registers, plus provenance: Source, GitRev, checksum, spec results,
+    and what the image is made of (package manifest, SBOM checksum, difference to the last version)."""
     recipe = image.recipe
     git = git_state(recipe.dir if recipe else image.path.parent)
     source = recipe.name if recipe else image.path.name
@@ -56,17 +93,31 @@ def registration_for(image: ImageUnderTest, results: SpecResults) -> Registratio
         ("SOURCE", source),
         ("GITREV", git.gitrev),
     ]
+    files: tuple[tuple[str, bytes], ...] = ()
+    if inventory is not None:
+        attrs += inventory.attributes()
+        files = ((SBOM_FILE, inventory.sbom().encode()),)
+    if diff_line:
+        attrs.append((DIFF_ATTR, diff_line))
     return Registration(name=reg_name, image_path=image.path, sha256=image.sha256, size=image.size,
-                        format=image.format, public=bool(recipe and recipe.register.public), attributes=tuple(attrs))
+                        format=image.format, public=bool(recipe and recipe.register.public), attributes=tuple(attrs),
+                        files=files)
 
 
-def register_image(image: ImageUnderTest, results: SpecResults, registry: Registry) -> Registered:
-    """Register image if its bytes are still the ones the specs judged."""
+def register_image(state: ImageState, registry: Registry) -> Registered:
+    """Register the image of state if its bytes are still the ones the specs judged."""
+    image = state.image
+    assert image is not None
     now = sha256_file(image.path)
     if now != image.sha256:
         raise RegistryError(f"{image.path}: its sha256 changed after the specs ran ({image.sha256[:12]}… → "
                             f"{now[:12]}…); refusing to register bytes that were not tested")
-    return registry.register(registration_for(image, results))
+    inventory = inventory_of(image)
+    if inventory is not None:
+        found = package_diff(inventory, registry)
+        if found is not None:
+            state.package_diff, state.package_diff_line = found
+    return registry.register(registration_for(image, state.results, inventory, state.package_diff_line))
 
 
 def verdict_for(state: ImageState, collected: int | None, facts: RunFacts) -> Verdict:
@@ -97,7 +148,7 @@ def gate_and_register(images: Mapping[str, ImageState], collected: Mapping[str, 
             try:
                 if not registry:
                     registry.append(open_registry())
-                state.registered = register_image(state.image, state.results, registry[0])
+                state.registered = register_image(state, registry[0])
             except KickgateError as exc:
                 state.register_error = str(exc)
                 any_failed = True

@@ -20,7 +20,8 @@ console output nor disk writes) or a power-off without the marker all end the bu
 BuildError that carries the reason and the last 40 serial lines. The domain is destroyed on
 every path, Ctrl-C included.
 
-Installed packages: the template's last %post prints ``KICKGATE-PKG <name> <version>`` lines
+Installed packages: the template's last %post prints ``KICKGATE-PKG`` lines in the format of
+``builder.packages.rpm_query_format`` (name, epoch:version-release, arch, source rpm, licence)
 between ``KICKGATE-PKGS-BEGIN`` and ``KICKGATE-PKGS-END``; they become the build record's
 package list.
 """
@@ -51,6 +52,7 @@ from builder.installsource import (
     serve_tree,
 )
 from builder.method import BuildContext, Method, MethodResult
+from builder.packages import Package, parse_rpm_lines
 from builder.recipe import Recipe
 from builder.render import MARKERS, mask_secrets, render_kickstart
 
@@ -77,7 +79,6 @@ _PROGRESS_RE = re.compile(
     r"Setting up the installation environment|Installation complete|Running in cmdline mode|"
     r"Installing \S+ \(\d+/\d+\))")
 _PKG_PROGRESS_RE = re.compile(r"Installing \S+ \((\d+)/(\d+)\)")
-_PKG_LINE_RE = re.compile(rf"^{re.escape(MARKERS.pkg)}\s+(\S+)\s+(\S+)\s*$")
 
 
 # --------------------------------------------------------------------------- command lines
@@ -199,7 +200,7 @@ def build(ctx: BuildContext) -> MethodResult:
                 kernel=source.kernel, initrd=initrd, cmdline=cmdline, nic=Nic(mac=mac),
                 on_poweroff="destroy", on_reboot="destroy", on_crash="destroy")
             _run_install(ctx, spec)
-        packages = parse_packages(read_serial(ctx.serial_log))
+        packages = parse_packages(read_serial(ctx.serial_log), str(ctx.serial_log))
 
     extra = {
         "location": source.location,
@@ -266,23 +267,19 @@ def judge_outcome(ctx: BuildContext, outcome: Outcome, w: Watch) -> None:
     judge(ctx, INSTALL_JOB, outcome, w)
 
 
-def parse_packages(serial_text: str) -> tuple[tuple[str, str], ...]:
-    """(name, version) pairs the last %post printed between the package markers, sorted."""
-    found: set[tuple[str, str]] = set()
+def parse_packages(serial_text: str, origin: str = "serial log") -> tuple[Package, ...]:
+    """The packages the last %post listed between the package markers (only the last complete listing)."""
+    listing: list[str] = []
     inside = False
     for line in serial_text.splitlines():
         text = line.strip()
         if text == MARKERS.pkgs_begin:
-            inside, found = True, set()  # only the last complete listing counts
-            continue
-        if text == MARKERS.pkgs_end:
+            inside, listing = True, []
+        elif text == MARKERS.pkgs_end:
             inside = False
-            continue
-        if inside:
-            m = _PKG_LINE_RE.match(text)
-            if m:
-                found.add((m.group(1), m.group(2)))
-    return tuple(sorted(found))
+        elif inside:
+            listing.append(text)
+    return parse_rpm_lines(listing, marker=MARKERS.pkg, origin=origin)
 
 
 METHOD = Method(name="kickstart", build=build, code=("render.py", "initrd.py", "installsource.py"), tools=(),

@@ -25,6 +25,7 @@ class Registration:
     format: str
     public: bool
     attributes: tuple[tuple[str, str], ...]
+    files: tuple[tuple[str, bytes], ...] = ()  # kept beside the image where the registry can (e.g. the SBOM)
 
     def attr(self, key: str, default: str = "") -> str:
         for k, v in self.attributes:

@@ -33,7 +33,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from builder.errors import IntegrityError, RegistryError
-from builder.fsutil import atomic_copy, atomic_write_json, fsync_dir, sha256_file
+from builder.fsutil import atomic_copy, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
 from builder.registry.base import Registered, Registration
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,10 @@ class LocalRegistry:
                 "image": image_name,
                 "attributes": [[k, v] for k, v in reg.attributes],
             }
+            for file_name, data in reg.files:
+                if "/" in file_name or file_name.startswith(".") or file_name in (RECORD, image_name):
+                    raise RegistryError(f"cannot store {file_name!r} beside {reg.name}: not a plain file name")
+                atomic_write_bytes(tmp / file_name, data, mode=file_mode)
             atomic_write_json(tmp / RECORD, record, mode=file_mode)
             os.chmod(tmp, dir_mode)  # mkdtemp makes it 0700
             fsync_dir(tmp)
