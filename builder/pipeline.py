@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from builder import runstamp
-from builder.build import Artifact, BuildRecord, build_image, load_artifact
+from builder.build import Artifact, BuildRecord, build_image, in_use, load_artifact
 from builder.disk import image_info
 from builder.errors import KickgateError
 from builder.fsutil import atomic_copy, sha256_file
@@ -126,6 +126,7 @@ class Pipeline:
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
         self._kept_instances: list[Instance] = []
+        self._held = contextlib.ExitStack()
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Pipeline:
                 self._hv.forget(inst.name, inst.workdir)
             self._hv.close()
             self._hv = None
+        self._held.close()
 
     def hypervisor(self) -> Hypervisor:
         """The run's libvirt connection, opened on first use and closed with the pipeline."""
@@ -230,14 +232,12 @@ class Pipeline:
         bopts = BuildOptions(cache_dir=opts.cache_dir, no_cache=opts.no_cache, accel=opts.accel,
                              console=opts.console, location=opts.location)
         art = build_image(recipe, self.hypervisor(), bopts, on_console_line=on_console_line)
-        digest = sha256_file(art.image)
-        if digest != art.record.image_sha256:
-            raise KickgateError(f"{art.image}: sha256 {digest[:12]}… differs from its build record "
-                                f"({art.record.image_sha256[:12]}…); the cached file was modified — rebuild "
-                                "with --no-cache")
-        return ImageUnderTest(name=name, recipe=recipe, path=art.image, format=art.record.image_format,
-                              sha256=digest, size=art.image.stat().st_size, record=art.record, artifact=art,
-                              cached=art.cached, seconds=art.seconds)
+        # build_image hashed the file (a cache hit is re-hashed against its signed record); holding the
+        # entry keeps a concurrent rebuild from removing the bytes this run's instances are backed by.
+        self._held.enter_context(in_use(art))
+        return ImageUnderTest(name=name, recipe=recipe, path=art.image.resolve(), format=art.record.image_format,
+                              sha256=art.record.image_sha256, size=art.image.stat().st_size, record=art.record,
+                              artifact=art, cached=art.cached, seconds=art.seconds)
 
     # -- instances ---------------------------------------------------------------------------
 

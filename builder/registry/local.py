@@ -32,8 +32,15 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from builder.errors import IntegrityError, RegistryError
-from builder.fsutil import atomic_copy, atomic_write_bytes, atomic_write_json, fsync_dir, sha256_file
+from builder.errors import IntegrityError, KickgateError, RegistryError
+from builder.fsutil import (
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_private_dir,
+    fsync_dir,
+    sha256_file,
+)
 from builder.registry.base import Registered, Registration
 
 log = logging.getLogger(__name__)
@@ -98,6 +105,10 @@ class LocalRegistry:
             name_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RegistryError(f"cannot create registry dir {name_dir}: {e.strerror or e}") from None
+        try:
+            check_private_dir(self.root, "the local registry", "--registry-dir or KICKGATE_REGISTRY_DIR")
+        except KickgateError as e:
+            raise RegistryError(str(e)) from None
         lock = FileLock(str(name_dir / LOCK))
         try:
             try:
