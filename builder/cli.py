@@ -1,4 +1,4 @@
-"""The `kickgate` command: validate, render, build, list and show registered images, clean up."""
+"""The `kickgate` command: validate, render, build, list, show, promote and roll back registered images, clean up."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from builder import __version__
-from builder.errors import KickgateError
+from builder.errors import KickgateError, RecipeError
 from builder.fsutil import atomic_write_text
 from builder.options import RunOptions, add_options, registry_options, run_options
 from builder.recipe import RecipeBook, find_root
 from builder.registry import open_registry
-from builder.registry.base import Registry
+from builder.registry.base import PromoteTargets, Promotion, Registry
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -105,15 +105,56 @@ def cmd_images(args: argparse.Namespace) -> int:
         return 0
     for e in entries:
         attrs = dict(e.attributes)
-        print(f"{e.name}\tversion {e.version}\tsha256 {e.sha256[:12]}\t{attrs.get('GITREV', '')}\t"
-              f"{attrs.get('SPECS', '').split(':', 1)[0]} specs\t{e.location}")
+        which = e.label if e.image_id is not None else f"{e.name}\tversion {e.version}"
+        print(f"{which}\tsha256 {e.sha256[:12]}\t{attrs.get('GITREV', '')}\t"
+              f"{attrs.get('SPECS', '').split(':', 1)[0]} specs\t{e.location}" + ("\tpromoted" if e.promoted else ""))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    name, _, version = args.ref.partition("@")
-    print(json.dumps(dict(_registry(args).get(name, version or "latest").details), indent=2, default=str))
+    from builder.versions import parse_ref
+
+    name, version = parse_ref(args.ref)
+    print(json.dumps(dict(_registry(args).get(name, str(version)).details), indent=2, default=str))
     return 0
+
+
+def _promote_targets(args: argparse.Namespace, name: str) -> PromoteTargets:
+    """The [promote] table of the recipe registering name; none (no templates) when no recipe does."""
+    from builder.promote import recipe_registering, recipe_targets
+
+    try:
+        book = _book(args)
+    except RecipeError:
+        book = None
+    recipe = recipe_registering(book, name) if book is not None else None
+    targets = recipe_targets(recipe)
+    if targets is None:
+        where = f"{recipe.path} has no [promote] table" if recipe else f"no recipe registers {name}"
+        logging.getLogger("kickgate").warning("%s: no VM template follows the promoted version", where)
+        return PromoteTargets()
+    return targets
+
+
+def _print_promotion(promotion: Promotion) -> int:
+    print(promotion.summary())
+    return 0 if promotion.complete else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from builder.promote import promote_ref
+    from builder.versions import parse_ref
+
+    name, _ = parse_ref(args.ref)
+    registry = _registry(args)
+    return _print_promotion(promote_ref(registry, args.ref, _promote_targets(args, name)))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from builder.promote import rollback
+
+    registry = _registry(args)
+    return _print_promotion(rollback(registry, args.name, _promote_targets(args, args.name)))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -158,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(s.add_argument, "registry")
         s.add_argument("--json", action="store_true", help="JSON output")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("promote", help="point VM templates (and the local 'promoted' link) at a verified version")
+    s.add_argument("ref", metavar="NAME@VERSION",
+                   help="VERSION: N or vN (OpenNebula: NAME-vN), id:N (an OpenNebula image ID), latest")
+    add_options(s.add_argument, "registry")
+    s.set_defaults(func=cmd_promote)
+
+    s = sub.add_parser("rollback", help="point them back at the version promoted before the current one")
+    s.add_argument("name", metavar="NAME")
+    add_options(s.add_argument, "registry")
+    s.set_defaults(func=cmd_rollback)
 
     s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove their files")
     s.set_defaults(func=cmd_cleanup)

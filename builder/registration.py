@@ -13,6 +13,7 @@ from builder.errors import KickgateError, RegistryError
 from builder.fsutil import sha256_file
 from builder.gate import SpecResults, Verdict, decide, specs_attribute
 from builder.pipeline import ImageState, ImageUnderTest
+from builder.promote import promote_registered
 from builder.provenance import git_state
 from builder.registry.base import Registered, Registration, Registry
 
@@ -32,15 +33,18 @@ class RunFacts:
 def registration_for(image: ImageUnderTest, results: SpecResults) -> Registration:
     """The template the article registers, plus provenance: Source, GitRev, checksum, spec results."""
     recipe = image.recipe
-    git = git_state(recipe.dir if recipe else image.path.parent)
-    source = recipe.name if recipe else image.path.name
     reg_name = recipe.register.name if recipe else image.name
     desc = recipe.register.description if recipe else image.name
+    # An image without an artifact was not built from the recipe repository (--image-path): its
+    # git revision says nothing about these bytes.
+    gitrev = git_state(recipe.dir).gitrev if recipe and image.artifact is not None else None
+    source = recipe.name if gitrev is not None and recipe else f"prebuilt {image.path.name}"
+    provenance = f"Source: {source}, GitRev: {gitrev}" if gitrev is not None else f"Source: {source}"
     attrs: list[tuple[str, str]] = [
         ("NAME", reg_name),
         ("TYPE", recipe.register.type if recipe else "OS"),
         ("PUBLIC", "YES" if recipe and recipe.register.public else "NO"),
-        ("DESCRIPTION", f"{desc}. Source: {source}, GitRev: {git.gitrev}"),
+        ("DESCRIPTION", f"{desc}. {provenance}"),
     ]
     if recipe:
         attrs += list(recipe.register.attributes)
@@ -54,8 +58,9 @@ def registration_for(image: ImageUnderTest, results: SpecResults) -> Registratio
         ("SPECS", specs_attribute(results)),
         ("KICKGATE_VERSION", __version__),
         ("SOURCE", source),
-        ("GITREV", git.gitrev),
     ]
+    if gitrev is not None:
+        attrs.append(("GITREV", gitrev))
     return Registration(name=reg_name, image_path=image.path, sha256=image.sha256, size=image.size,
                         format=image.format, public=bool(recipe and recipe.register.public), attributes=tuple(attrs))
 
@@ -84,7 +89,9 @@ def gate_and_register(images: Mapping[str, ImageState], collected: Mapping[str, 
     """Give every image its verdict and register those that may be promoted; True if any image failed.
 
     The registry is opened only when an image may be registered, so a run that promotes nothing
-    never needs its credentials.
+    never needs its credentials. A registered image whose recipe has a [promote] table is then
+    promoted (after READY: registries return only then); a promotion that fails or stays
+    incomplete fails the run, the registration stands.
     """
     registry: list[Registry] = []
     any_failed = False
@@ -102,6 +109,14 @@ def gate_and_register(images: Mapping[str, ImageState], collected: Mapping[str, 
                 state.register_error = str(exc)
                 any_failed = True
             state.register_seconds = time.monotonic() - started
+            if state.registered is not None:
+                try:
+                    state.promotion = promote_registered(registry[0], state.registered, state.image.recipe)
+                except KickgateError as exc:
+                    state.promote_error = str(exc)
+                    any_failed = True
+                if state.promotion is not None and not state.promotion.complete:
+                    any_failed = True
         elif facts.register and not state.verdict.promote and not facts.narrowed:
             any_failed = True
     return any_failed

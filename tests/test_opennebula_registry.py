@@ -15,7 +15,7 @@ import pyone
 import pytest
 
 from builder.errors import RegistryError
-from builder.registry.base import Registration
+from builder.registry.base import Registered, Registration
 from builder.registry.opennebula import (
     OpenNebulaConfig,
     OpenNebulaRegistry,
@@ -103,6 +103,12 @@ def make_reg(tmp_path: Path) -> MakeReg:
     return make
 
 
+def iid(entry: Registered) -> int:
+    """The OpenNebula image ID of a registration."""
+    assert entry.image_id is not None
+    return entry.image_id
+
+
 def images_named(sim: OneSim, name: str) -> list[int]:
     return [i.id for i in sim.find_images(name) if i.state != DELETE]
 
@@ -118,7 +124,7 @@ def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: M
     out = registry.register(reg)
     assert (out.registry, out.name, out.sha256, out.reused) == ("opennebula", reg.name,
                                                                reg.sha256, False)
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.state == READY and img.name == reg.name
     assert out.location == f"{sim.endpoint}#image/{img.id}"
     t = dict(img.template)  # type: ignore[arg-type]
@@ -134,18 +140,20 @@ def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: M
     assert img.type == 0 and img.format == "qcow2"
     assert img.size_mb == VIRTUAL_MB  # oned's SIZE: the virtual size, not the file's bytes
     assert img.perms[3] == 1 and img.perms[6] == 1  # PUBLIC: group and other USE
-    published = publish_dir / f"{reg.name}-{reg.sha256[:12]}.qcow2"
-    assert published.read_bytes() == reg.image_path.read_bytes()
-    assert img.path == str(published)
+    # oned copied the published file into its datastore (SOURCE) while LOCKED; after READY the
+    # published copy is gone
+    published = Path(img.path)
+    assert published.parent == publish_dir and published.name.startswith(f"{reg.name}-{reg.sha256[:12]}-")
+    assert not published.exists() and list(publish_dir.iterdir()) == []
     assert Path(img.source).read_bytes() == reg.image_path.read_bytes()
-    assert not [p for p in publish_dir.iterdir() if p.name.endswith(".part")]
+    assert out.label == f"image {img.id}, {reg.name}" and out.version == "1"
     assert out.attributes["STATE"] == "READY" and out.attributes["SHA256"] == reg.sha256
 
 
 def test_private_image_keeps_default_permissions(sim: OneSim, registry: OpenNebulaRegistry,
                                                  make_reg: MakeReg) -> None:
     out = registry.register(make_reg(public=False))
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.perms == [1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert not any(m == "one.image.chmod" for m, _ in sim.calls)
 
@@ -155,16 +163,16 @@ def test_rerun_reuses_the_image(sim: OneSim, registry: OpenNebulaRegistry,
     reg = make_reg()
     first = registry.register(reg)
     second = registry.register(reg)
-    assert second.reused and second.version == first.version
+    assert second.reused and iid(second) == iid(first)
     assert allocations(sim) == 1
-    assert images_named(sim, reg.name) == [int(first.version)]
+    assert images_named(sim, reg.name) == [iid(first)]
 
 
 def test_awkward_values_survive_oned_template_syntax(sim: OneSim, registry: OpenNebulaRegistry,
                                                      make_reg: MakeReg) -> None:
     desc = 'says "hi" in C:\\temp\\ and \\"quoted\\"; Source: x, GitRev: y'
     out = registry.register(make_reg(description=desc, extra=(("NOTE", "ends with \\"),)))
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None
     assert img.tget("DESCRIPTION") == desc
     assert img.tget("NOTE") == "ends with \\"
@@ -193,8 +201,8 @@ def test_name_policy_version(sim: OneSim, registry: OpenNebulaRegistry, make_reg
     third = registry.register(make_reg())
     assert third.name == "debian12-node-v3"
     again = registry.register(second_reg)  # same bytes as v2: reused, not v4
-    assert again.reused and again.version == second.version
-    assert images_named(sim, "debian12-node") == [int(first.version)]
+    assert again.reused and iid(again) == iid(second)
+    assert images_named(sim, "debian12-node") == [iid(first)]
     assert allocations(sim) == 3
 
 
@@ -219,11 +227,11 @@ def test_name_policy_replace(sim: OneSim, make_config: Callable[..., OpenNebulaC
     old = registry.register(make_reg())
     new_reg = make_reg()
     new = registry.register(new_reg)
-    assert new.name == "debian12-node" and new.version != old.version and not new.reused
+    assert new.name == "debian12-node" and iid(new) != iid(old) and not new.reused
     assert new.sha256 == new_reg.sha256
-    assert sim.wait_for(lambda: sim.image(int(old.version)) is None)
+    assert sim.wait_for(lambda: sim.image(iid(old)) is None)
     live = [i for i in sim.find_images() if i.state != DELETE]
-    assert [(i.id, i.name) for i in live] == [(int(new.version), "debian12-node")]
+    assert [(i.id, i.name) for i in live] == [(iid(new), "debian12-node")]
     assert registry.register(new_reg).reused
 
 
@@ -234,11 +242,11 @@ def test_name_policy_replace_keeps_an_old_image_in_use(
     old = registry.register(make_reg())
     # a running VM uses it: oned refuses the delete
     pyone.OneServer(sim.endpoint, session=SESSION).vm.allocate(
-        f'NAME="user"\nDISK=[IMAGE_ID="{old.version}"]', False)
+        f'NAME="user"\nDISK=[IMAGE_ID="{iid(old)}"]', False)
     new = registry.register(make_reg())
     assert new.name == "debian12-node"
-    parked = sim.image(int(old.version))
-    assert parked is not None and parked.name == f"debian12-node-replaced-{old.version}"
+    parked = sim.image(iid(old))
+    assert parked is not None and parked.name == f"debian12-node-replaced-{iid(old)}"
     assert "could not be deleted" in caplog.text
 
 
@@ -300,7 +308,7 @@ def test_leftover_error_image_with_same_bytes_is_replaced(
                               f'SHA256="{reg.sha256}"\nKICKGATE_VERSION="0.1.0"', 100)
     assert sim.wait_for(lambda: (img := sim.image(left)) is not None and img.state == ERROR)
     out = registry.register(reg)
-    assert out.name == reg.name and int(out.version) != left and not out.reused
+    assert out.name == reg.name and iid(out) != left and not out.reused
     assert sim.image(left) is None
 
 
@@ -360,7 +368,7 @@ def test_authorization_error_on_allocate(sim: OneSim, registry: OpenNebulaRegist
 def test_datastore_by_id(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
                          make_reg: MakeReg) -> None:
     out = OpenNebulaRegistry(make_config(datastore="1")).register(make_reg())
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.ds_id == 1
 
 
@@ -452,7 +460,7 @@ def test_list_shows_only_kickgate_images(sim: OneSim, registry: OpenNebulaRegist
                                                                 out.sha256)]
     entry = listed[0]
     assert entry.registry == "opennebula"
-    assert entry.location == f"{sim.endpoint}#image/{out.version}"
+    assert entry.location == f"{sim.endpoint}#image/{iid(out)}"
     assert entry.attributes["STATE"] == "READY" and entry.attributes["KICKGATE_VERSION"] == "0.1.0"
 
 
