@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,10 @@ import pyone
 import pytest
 
 from builder.errors import RegistryError
+from builder.gate import SpecResults
+from builder.pipeline import ImageUnderTest
+from builder.recipe import RecipeBook
+from builder.registration import register_image
 from builder.registry.base import Registered, Registration
 from builder.registry.opennebula import (
     OpenNebulaConfig,
@@ -547,3 +552,88 @@ def test_invalid_attribute_key_is_refused_before_publishing(
     with pytest.raises(RegistryError, match="'BAD KEY' of debian12-node is not a valid"):
         registry.register(make_reg(extra=(("BAD KEY", "x"),)))
     assert allocations(sim) == 0 and not publish_dir.exists()
+
+
+# --- trust ------------------------------------------------------------------------------------------
+def test_publish_dir_is_created_0755(registry: OpenNebulaRegistry, make_reg: MakeReg, publish_dir: Path) -> None:
+    old = os.umask(0o077)  # whatever the caller's umask, oned's user must be able to enter it
+    try:
+        registry.register(make_reg())
+    finally:
+        os.umask(old)
+    assert publish_dir.is_dir() and stat.S_IMODE(publish_dir.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("setup", ["foreign owner", "group writable", "world writable", "foreign symlink"])
+def test_untrusted_publish_dir_is_refused(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                                          publish_dir: Path, tmp_path: Path, setup: str) -> None:
+    if setup == "foreign symlink":
+        real = tmp_path / "real"
+        real.mkdir(mode=0o755)
+        publish_dir.symlink_to(real)
+        os.lchown(publish_dir, 4242, 4242)
+    else:
+        publish_dir.mkdir()
+        os.chmod(publish_dir, {"group writable": 0o775, "world writable": 0o777}.get(setup, 0o755))
+        if setup == "foreign owner":
+            os.chown(publish_dir, 4242, 4242)
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    msg = str(e.value)
+    assert msg.startswith(f"OpenNebula publish dir {publish_dir} ") and "\n" not in msg
+    expected = {"foreign owner": "belongs to uid 4242", "group writable": "writable by its group or others (mode 0775)",
+                "world writable": "chmod go-w", "foreign symlink": "symbolic link owned by uid 4242"}[setup]
+    assert expected in msg and f"chown {os.geteuid()} {publish_dir}" in msg
+    assert allocations(sim) == 0
+    assert list(publish_dir.iterdir()) == []  # nothing published
+
+
+@pytest.fixture
+def mate_image(sim: OneSim, make_reg: MakeReg, publish_dir: Path) -> int:
+    """An image a member of kick's group registered, carrying kickgate's attributes."""
+    sim.add_user(SimUser("mate", "mate-pw", 3, 1, "users"))
+    publish_dir.mkdir(mode=0o755, exist_ok=True)
+    reg = make_reg(name="debian12-node")
+    path = publish_dir / "mate.qcow2"
+    path.write_bytes(reg.image_path.read_bytes())
+    mate = pyone.OneServer(sim.endpoint, session="mate:mate-pw")
+    image_id = int(mate.image.allocate(f'NAME="debian12-node"\nPATH="{path}"\nSHA256="{reg.sha256}"\n'
+                                       'KICKGATE_VERSION="0.1.0"\nKICKGATE_IMAGE="debian12-node"', 1))
+    mate.image.chmod(image_id, -1, -1, -1, 1, -1, -1, -1, -1, -1)  # group may use it
+    assert sim.wait_for(lambda: (img := sim.image(image_id)) is not None and img.state == READY)
+    return image_id
+
+
+def test_only_the_trusted_owners_images_are_listed(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                                                   mate_image: int, make_config: Callable[..., OpenNebulaConfig]
+                                                   ) -> None:
+    with pytest.raises(RegistryError, match=r"no image debian12-node registered by kickgate .* owned by kick"):
+        registry.get("debian12-node")
+    assert registry.list() == []
+    mine = registry.register(make_reg())
+    assert mine.name == "debian12-node" and iid(mine) != mate_image  # names are unique per owner only
+    assert [iid(e) for e in registry.list()] == [iid(mine)]
+    assert iid(registry.get("debian12-node")) == iid(mine)
+    # --one-owner: trust that user's images instead
+    theirs = OpenNebulaRegistry(make_config(owner="mate"))
+    assert [iid(e) for e in theirs.list()] == [mate_image]
+    assert iid(theirs.get("debian12-node")) == mate_image
+    assert [iid(e) for e in OpenNebulaRegistry(make_config(owner="3")).list()] == [mate_image]
+
+
+def test_prebuilt_image_registers_without_a_gitrev(sim: OneSim, registry: OpenNebulaRegistry, repo_root: Path,
+                                                   tmp_path: Path) -> None:
+    path = tmp_path / "from-elsewhere.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True, timeout=30)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    image = ImageUnderTest(name="generic-dev", recipe=RecipeBook(repo_root).load("generic-dev"), path=path,
+                           format="qcow2", sha256=sha, size=path.stat().st_size, record=None, artifact=None,
+                           cached=True, seconds=0.0)
+    results = SpecResults({"specs/test_swap.py::test_no_swap[generic-dev]": "passed"})
+    out = register_image(image, results, registry)
+    img = sim.image(iid(out))
+    assert img is not None
+    assert img.tget("DESCRIPTION") == "generic-dev image. Source: prebuilt from-elsewhere.qcow2"
+    assert img.tget("KICKGATE_SOURCE") == "prebuilt from-elsewhere.qcow2"
+    assert img.tget("GITREV") is None and "GitRev" not in (img.tget("DESCRIPTION") or "")
+    assert img.tget("BUILD_ID") == f"prebuilt-{sha[:12]}"
