@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from builder.errors import GateError, KickgateError
+from builder.errors import GateError, KickgateError, RecipeError
 from builder.recipe import PromoteSpec, Recipe, RecipeBook, promote_spec
 from builder.registry.base import PromoteTargets, Promotion, Registered, Registry
 from builder.versions import parse_ref, specs_all_passed
@@ -37,7 +37,13 @@ def recipe_registering(book: RecipeBook, name: str) -> Recipe | None:
     """The recipe that registers images under name (its [register] NAME, else its folder name)."""
     found = None
     for folder in book.names():
-        recipe = book.load(folder)
+        try:
+            recipe = book.load(folder)
+        except RecipeError as exc:
+            if folder == name:
+                raise
+            log.warning("skipping a broken recipe while looking for the one registering %s: %s", name, exc)
+            continue
         if recipe.register.name == name:
             return recipe
         if folder == name:

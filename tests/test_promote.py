@@ -547,3 +547,31 @@ def test_cli_promote_opennebula(tmp_path: Path, sim: OneSim, one: Any, registry:
     assert f"image {iid(v2)}, web-v2\tsha256 " in listing and f"image {iid(v1)}, web\tsha256" in listing
     assert cli.main(["--recipes", str(tmp_path / "repo"), "rollback", "web", *args]) == 2  # nothing before v2
     assert "nothing to roll back" in capsys.readouterr().err
+
+
+def test_pytest_specs_registers_and_promotes_in_opennebula(
+        pytester: pytest.Pytester, tmp_path: Path, sim: OneSim, one: Any, registry: OpenNebulaRegistry,
+        make_reg: MakeReg, data_disk: int, publish_dir: Path) -> None:
+    """The main job with --registry opennebula: gate, register, promote, summary (specs need no guest)."""
+    repo = tmp_path / "repo"
+    (repo / "images" / "web").mkdir(parents=True)
+    (repo / "images" / "web" / "image.toml").write_text(RECIPE)
+    auth = tmp_path / "one_auth"
+    auth.write_text(SESSION)
+    auth.chmod(0o600)
+    v1 = registry.register(make_reg())
+    tid = web_base(one, iid(v1), data_disk)
+    image = tmp_path / "web.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True, timeout=30)
+    pytester.makepyfile(test_specs="def test_qcow2(built_image):\n    assert built_image.format == 'qcow2'\n")
+
+    result = pytester.runpytest_subprocess(
+        "--image-path", str(image), "--image", "web", "--recipes", str(repo), "--registry", "opennebula",
+        "--one-xmlrpc", sim.endpoint, "--one-auth", str(auth), "--one-publish-dir", str(publish_dir))
+
+    assert result.ret == 0, result.stdout.str()
+    new = max(i.id for i in sim.find_images("web-v2"))
+    result.stdout.fnmatch_lines([f"*registered: opennebula image {new}, web-v2 ({sim.endpoint}#image/{new})"
+                                 f" | promoted: image {new}, web-v2; templates updated: web-base (template {tid})*"])
+    assert disks(sim, tid)[0]["IMAGE_ID"] == str(new)
+    assert list(publish_dir.iterdir()) == []
