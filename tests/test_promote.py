@@ -27,11 +27,11 @@ from builder.registry.opennebula import OpenNebulaConfig, OpenNebulaRegistry, Se
 from builder.report import summary_lines
 
 try:
-    from onesim import OneSim, SimDatastore, SimTemplate, SimUser
+    from onesim import OneSim, SimDatastore, SimTemplate, SimUser, parse_template
     from onesim.server import ACTION, DELETE, USED
     from onesim.template import template_to_xml
 except ImportError:  # pragma: no cover - when tests/ is a package
-    from tests.onesim import OneSim, SimDatastore, SimTemplate, SimUser
+    from tests.onesim import OneSim, SimDatastore, SimTemplate, SimUser, parse_template
     from tests.onesim.server import ACTION, DELETE, USED
     from tests.onesim.template import template_to_xml
 
@@ -575,3 +575,15 @@ def test_pytest_specs_registers_and_promotes_in_opennebula(
                                  f" | promoted: image {new}, web-v2; templates updated: web-base (template {tid})*"])
     assert disks(sim, tid)[0]["IMAGE_ID"] == str(new)
     assert list(publish_dir.iterdir()) == []
+
+
+def test_disk_list_survives_oned_template_syntax() -> None:
+    disks_ = [{"IMAGE_ID": "7", "NOTE": 'say "hi"', "EMPTY": ""}, {"IMAGE_ID": "3", "TARGET": "vdb"}]
+    text = onepromote.render_disks(disks_)
+    assert [v for _, v in parse_template(text)] == disks_  # order, empty values and quotes kept
+    # oned's text syntax cannot end a value in a backslash: the XML form carries it
+    tricky = [{"IMAGE_ID": "7", "PATH": "C:\\disks\\"}, {"IMAGE_ID": "3"}]
+    assert onepromote.render_disks(tricky).startswith("<TEMPLATE>")
+    assert [v for _, v in parse_template(onepromote.render_disks(tricky))] == tricky
+    with pytest.raises(ValueError, match="neither of oned's template forms"):
+        onepromote.render_disks([{"IMAGE_ID": "7", "PATH": "x\\", "EMPTY": ""}])
