@@ -29,7 +29,7 @@ from builder.method import BuildOptions
 from builder.options import RunOptions
 from builder.packages import PackageDiff
 from builder.recipe import Recipe, RecipeBook, find_root
-from builder.registry.base import Registered
+from builder.registry.base import Promotion, Registered
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class ImageState:
     verdict: Verdict | None = None
     registered: Registered | None = None
     register_error: str | None = None
+    promotion: Promotion | None = None
+    promote_error: str | None = None
     current: Instance | None = None
     boot_seconds: list[float] = field(default_factory=list)
     spec_seconds: float = 0.0

@@ -15,6 +15,7 @@ from builder.gate import SpecResults, Verdict, decide, specs_attribute
 from builder.inventory import DIFF_ATTR, SBOM_FILE, Inventory, diff_against
 from builder.packages import PackageDiff
 from builder.pipeline import ImageState, ImageUnderTest
+from builder.promote import promote_registered
 from builder.provenance import git_state
 from builder.registry.base import Registered, Registration, Registry
 
@@ -48,11 +49,6 @@ def inventory_of(image: ImageUnderTest) -> Inventory | None:
                      built_at=record.built_at, packages=record.packages, vendor=vendor, distro=distro)
 
 
-def version_label(reg: Registered) -> str:
-    """How people name a registered version: "generic-dev v3" (local), "image 17, generic-dev-v3" (OpenNebula)."""
-    return f"{reg.name} v{reg.version}" if reg.registry == "local" else f"image {reg.version}, {reg.name}"
-
-
 def package_diff(inventory: Inventory, registry: Registry) -> tuple[PackageDiff, str] | None:
     """The difference to the newest version of the same NAME in registry, or None for a first version."""
     try:
@@ -61,7 +57,7 @@ def package_diff(inventory: Inventory, registry: Registry) -> tuple[PackageDiff,
         return None
     if previous.sha256 == inventory.sha256:
         return None  # the same bytes again: nothing to compare with
-    return diff_against(inventory.packages, previous.attributes, version_label(previous))
+    return diff_against(inventory.packages, previous.attributes, f"{inventory.name} v{previous.version}")
 
 
 def registration_for(image: ImageUnderTest, results: SpecResults, inventory: Inventory | None = None,
@@ -69,15 +65,18 @@ def registration_for(image: ImageUnderTest, results: SpecResults, inventory: Inv
     """The template the article registers, plus provenance: Source, GitRev, checksum, spec results,
     and what the image is made of (package manifest, SBOM checksum, difference to the last version)."""
     recipe = image.recipe
-    git = git_state(recipe.dir if recipe else image.path.parent)
-    source = recipe.name if recipe else image.path.name
     reg_name = recipe.register.name if recipe else image.name
     desc = recipe.register.description if recipe else image.name
+    # An image without an artifact was not built from the recipe repository (--image-path): its
+    # git revision says nothing about these bytes.
+    gitrev = git_state(recipe.dir).gitrev if recipe and image.artifact is not None else None
+    source = recipe.name if gitrev is not None and recipe else f"prebuilt {image.path.name}"
+    provenance = f"Source: {source}, GitRev: {gitrev}" if gitrev is not None else f"Source: {source}"
     attrs: list[tuple[str, str]] = [
         ("NAME", reg_name),
         ("TYPE", recipe.register.type if recipe else "OS"),
         ("PUBLIC", "YES" if recipe and recipe.register.public else "NO"),
-        ("DESCRIPTION", f"{desc}. Source: {source}, GitRev: {git.gitrev}"),
+        ("DESCRIPTION", f"{desc}. {provenance}"),
     ]
     if recipe:
         attrs += list(recipe.register.attributes)
@@ -91,7 +90,6 @@ def registration_for(image: ImageUnderTest, results: SpecResults, inventory: Inv
         ("SPECS", specs_attribute(results)),
         ("KICKGATE_VERSION", __version__),
         ("SOURCE", source),
-        ("GITREV", git.gitrev),
     ]
     files: tuple[tuple[str, bytes], ...] = ()
     if inventory is not None:
@@ -99,6 +97,8 @@ def registration_for(image: ImageUnderTest, results: SpecResults, inventory: Inv
         files = ((SBOM_FILE, inventory.sbom().encode()),)
     if diff_line:
         attrs.append((DIFF_ATTR, diff_line))
+    if gitrev is not None:
+        attrs.append(("GITREV", gitrev))
     return Registration(name=reg_name, image_path=image.path, sha256=image.sha256, size=image.size,
                         format=image.format, public=bool(recipe and recipe.register.public), attributes=tuple(attrs),
                         files=files)
@@ -135,7 +135,9 @@ def gate_and_register(images: Mapping[str, ImageState], collected: Mapping[str, 
     """Give every image its verdict and register those that may be promoted; True if any image failed.
 
     The registry is opened only when an image may be registered, so a run that promotes nothing
-    never needs its credentials.
+    never needs its credentials. A registered image whose recipe has a [promote] table is then
+    promoted (after READY: registries return only then); a promotion that fails or stays
+    incomplete fails the run, the registration stands.
     """
     registry: list[Registry] = []
     any_failed = False
@@ -153,6 +155,14 @@ def gate_and_register(images: Mapping[str, ImageState], collected: Mapping[str, 
                 state.register_error = str(exc)
                 any_failed = True
             state.register_seconds = time.monotonic() - started
+            if state.registered is not None:
+                try:
+                    state.promotion = promote_registered(registry[0], state.registered, state.image.recipe)
+                except KickgateError as exc:
+                    state.promote_error = str(exc)
+                    any_failed = True
+                if state.promotion is not None and not state.promotion.complete:
+                    any_failed = True
         elif facts.register and not state.verdict.promote and not facts.narrowed:
             any_failed = True
     return any_failed

@@ -35,7 +35,11 @@ def summary_lines(images: Mapping[str, ImageState], not_selected: Mapping[str, s
         if state.registered is not None:
             reg = state.registered
             what = "already registered" if reg.reused else "registered"
-            parts.append(f"{what}: {reg.registry} {reg.name} version {reg.version} ({reg.location})")
+            parts.append(f"{what}: {reg.registry} {reg.label} ({reg.location})")
+            if state.promotion is not None:
+                parts.append(state.promotion.summary())
+            elif state.promote_error:
+                parts.append(f"NOT promoted: {state.promote_error}")
         elif state.register_error:
             parts.append(f"NOT registered: registration failed: {state.register_error}")
         elif state.verdict is not None:
@@ -78,6 +82,8 @@ def write_artifacts(artifacts_dir: Path, name: str, state: ImageState) -> None:
                "specs": state.results.outcomes,
                "registered": asdict(state.registered) if state.registered else None,
                "register_error": state.register_error, "package_diff": state.package_diff_line,
+               "promotion": asdict(state.promotion) if state.promotion else None,
+               "promote_error": state.promote_error,
                "timings": {"image_seconds": img.seconds if img else None,
                            "cached": img.cached if img else None,
                            "boot_to_ssh_seconds": state.boot_seconds, "specs_seconds": state.spec_seconds,

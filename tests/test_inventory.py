@@ -109,7 +109,7 @@ def test_kickgate_diff_and_sbom_read_the_registry(tmp_path: Path) -> None:
         return res.stdout
 
     text = cli("diff", "generic-dev@1", "generic-dev@2")
-    assert text.startswith("generic-dev v2: packages +1 -1 ~1 vs generic-dev v1")
+    assert text.startswith("generic-dev version 2: packages +1 -1 ~1 vs generic-dev version 1")
     assert "  + jq 1.6-2.1" in text and "  - zstd 1.5.4+dfsg2-5" in text
     assert "  ^ bash 5.2.15-2+b2 -> 5.2.15-2+b7" in text
     sbom = cli("sbom", "generic-dev@1")
