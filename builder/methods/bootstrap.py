@@ -31,6 +31,7 @@ from builder.run import run
 
 log = logging.getLogger(__name__)
 
+PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
 FINISH_OK = "KICKGATE-FINISH-OK"
 FINISH_FAILED = "KICKGATE-FINISH-FAILED"
 STEP_BEGIN = "KICKGATE-STEP-BEGIN"
@@ -100,7 +101,10 @@ def cached_tree(ctx: BuildContext, tree: Path) -> None:
             runstamp.stamp(staging)
             try:
                 shutil.rmtree(final, ignore_errors=True)
-                run(mmdebstrap_argv(ctx.recipe, staging / "tree"), timeout=ctx.recipe.vm.build_timeout_s)
+                # A private mount namespace: the /dev, /proc and /sys mounts mmdebstrap makes in the tree
+                # vanish with it even if it is killed, and never appear in the host's mount table.
+                run([*PRIVATE_MOUNTS, *mmdebstrap_argv(ctx.recipe, staging / "tree")],
+                    timeout=ctx.recipe.vm.build_timeout_s)
                 (staging / "tree" / ".complete").touch()
                 os.replace(staging / "tree", final)
             finally:
