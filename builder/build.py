@@ -137,7 +137,9 @@ def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
             return [norm(v) for v in value]
         return value
 
-    data = {f.name: norm(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != "path"}
+    # image.toml's path is where the checkout is; [verify] says how instances run, not what is built.
+    data = {f.name: norm(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)
+            if f.name not in ("path", "verify")}
     # Files a kickstart template may include, beside the template itself.
     data["includes"] = [_file_facts(p, root) for p in recipe.input_files() if p != recipe.path]
     return data

@@ -244,6 +244,8 @@ class Pipeline:
     # -- instances ---------------------------------------------------------------------------
 
     def new_instance(self, image: ImageUnderTest, label: str, **opts: Any) -> Instance:
+        if image.recipe is not None and image.recipe.verify.network == "outbound":
+            opts.setdefault("isolated", False)
         options = InstanceOptions(keep=self.options.keep, boot_timeout_s=self.options.boot_timeout_s, **opts)
         hv = self.hypervisor()
         return Instance(hv, image.path, image.format, label=label, options=options, avoid_mac=image.build_mac,

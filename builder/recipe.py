@@ -108,6 +108,14 @@ class PromoteSpec:
 
 
 @dataclass(frozen=True)
+class VerifySpec:
+    """How verify instances are run. It does not shape the image, so it is not part of the cache key."""
+
+    network: Literal["isolated", "outbound"] = "isolated"
+    reason: str = ""  # why the specs need outbound access (required with network = "outbound")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     dir: Path
@@ -122,6 +130,7 @@ class Recipe:
     scripts: tuple[Script, ...]  # common first, then node, each in recipe order
     variables: tuple[tuple[str, str], ...]
     register: RegisterSpec
+    verify: VerifySpec = VerifySpec()
 
     @property
     def variables_map(self) -> dict[str, str]:
@@ -294,7 +303,7 @@ def _str_list(ctx: _Ctx, section: str, key: str, value: object) -> tuple[str, ..
 # --------------------------------------------------------------------------- loading
 
 _TOP_KEYS = {"name", "description", "method", "family", "disk", "vm", "bootstrap", "kickstart",
-             "scripts", "vars", "register", "promote"}
+             "scripts", "vars", "register", "promote", "verify"}
 
 
 def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
@@ -345,10 +354,23 @@ def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
     variables = _load_vars(ctx, data)
     register = _load_register(ctx, data, name, description)
     _load_promote(ctx, data)  # checked now, before anything boots; read again by promote_spec
+    verify = _load_verify(ctx, data)
 
     return Recipe(name=name, dir=recipe_dir, path=path, description=description, method=method,
                   family=family, disk=disk, vm=vm, bootstrap=bootstrap, kickstart=kickstart,
-                  scripts=scripts, variables=variables, register=register)
+                  scripts=scripts, variables=variables, register=register, verify=verify)
+
+
+def _load_verify(ctx: _Ctx, data: Mapping[str, Any]) -> VerifySpec:
+    t = _table(ctx, data, "verify", ("network", "reason"))
+    network = t.get("network", "isolated")
+    if network not in ("isolated", "outbound"):
+        raise ctx.error("verify", "network", f"must be 'isolated' or 'outbound', got {network!r}")
+    reason = _str(ctx, "verify", "reason", t["reason"]) if "reason" in t else ""
+    if network == "outbound" and not reason.strip():
+        raise ctx.error("verify", "network", "outbound access for the guest under test needs a reason",
+                        'add reason = "..." saying what the specs must reach')
+    return VerifySpec(network=network, reason=reason)
 
 
 def _load_disk(ctx: _Ctx, data: Mapping[str, Any]) -> DiskSpec:
