@@ -485,3 +485,23 @@ def test_kickstart_that_keeps_its_copies_is_refused(el9: Recipe, kept: str) -> N
     with pytest.raises(RecipeError) as exc:
         render_kickstart(reload(el9), env={})
     assert kept in str(exc.value) and exc.value.path == str(template)
+
+
+# --------------------------------------------------------------------------- credentials in URLs
+
+
+def test_a_repository_with_credentials_stays_off_the_kernel_command_line(el9: Recipe) -> None:
+    from builder.installsource import mask_url
+    from builder.methods.kickstart import url_command
+
+    repo = "https://builder:s3cret-pw@mirror.example/rocky/9/BaseOS/x86_64/os/"
+    args = " ".join(kernel_args(el9, repo))
+    assert "s3cret-pw" not in args and "inst.repo=" not in args
+    assert "inst.repo=https://mirror.example/os/" in " ".join(kernel_args(el9, "https://mirror.example/os/"))
+    # The installer gets it from the injected kickstart instead, which pykickstart still accepts.
+    text = url_command(repo) + render_kickstart(el9)
+    handler = makeVersion(el9.kickstart.version)  # type: ignore[union-attr]
+    KickstartParser(handler).readKickstartFromString(text)
+    assert handler.url.url == repo
+    assert mask_url(repo) == "https://***@mirror.example/rocky/9/BaseOS/x86_64/os/"
+    assert mask_url("https://mirror.example/os/") == "https://mirror.example/os/"

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import shlex
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,8 @@ from builder.installsource import (
     classify,
     fetch_for_recipe,
     guest_url,
+    has_credentials,
+    mask_url,
     repo_in_args,
     serve_tree,
 )
@@ -89,10 +92,18 @@ def kernel_args(recipe: Recipe, repo: str | None, ks_name: str = KS_NAME) -> lis
     assert recipe.kickstart is not None
     extra = list(recipe.kickstart.extra_args)
     args = [f"inst.ks=file:/{ks_name}"]
-    if repo and repo_in_args(extra) is None:
+    # A repository URL with credentials goes into the injected kickstart (url_command), never onto
+    # the kernel command line, which QEMU's command line and the domain XML show to every local user.
+    if repo and repo_in_args(extra) is None and not has_credentials(repo):
         args.append(f"inst.repo={repo}")
     args += ["inst.text", "console=ttyS0,115200", "inst.cmdline", *extra]
     return args
+
+
+def url_command(repo: str) -> str:
+    """The kickstart's own `url` command for a repository that needs credentials (kept off the kernel
+    command line; the injected kickstart lives only in the private, 0600 initrd copy)."""
+    return f"url --url={shlex.quote(repo)}\n"
 
 
 def os_variant(recipe: Recipe) -> str:
@@ -166,7 +177,7 @@ def build(ctx: BuildContext) -> MethodResult:
 
     with ctx.stages("fetch-installer"):
         source = fetch_for_recipe(recipe, ctx.options.cache_dir, ctx.options.location)
-        log.info("%s: installer from %s (%s%s)", recipe.name, source.location, source.kind,
+        log.info("%s: installer from %s (%s%s)", recipe.name, mask_url(source.location), source.kind,
                  f", {source.product}" if source.product else "")
 
     with ctx.stages("render"):
@@ -176,6 +187,9 @@ def build(ctx: BuildContext) -> MethodResult:
 
     with ctx.stages("inject"):
         initrd = ctx.workdir / "initrd.img"
+        repo_hint = repo_in_args(list(recipe.kickstart.extra_args)) or source.repo_arg or ""
+        if has_credentials(repo_hint):
+            kickstart = url_command(repo_hint) + kickstart
         offset = inject_kickstart(source.initrd, initrd, kickstart, KS_NAME)
         log.debug("%s: /%s appended to the initrd at offset %d", recipe.name, KS_NAME, offset)
 
@@ -189,7 +203,7 @@ def build(ctx: BuildContext) -> MethodResult:
             cmdline = " ".join(kernel_args(recipe, repo))
             log.info("%s: installing (%s, %d MiB, %d vCPU): %s", recipe.name,
                      "KVM" if domain_type == "kvm" else "TCG", recipe.vm.memory_mib,
-                     recipe.vm.vcpus, cmdline)
+                     recipe.vm.vcpus, mask_url(cmdline))
             disks = [Disk(disk, "raw", cache="unsafe")]
             if source.iso is not None:
                 disks.append(Disk(source.iso, "raw", device="cdrom", readonly=True))
@@ -203,11 +217,11 @@ def build(ctx: BuildContext) -> MethodResult:
         packages = parse_packages(read_serial(ctx.serial_log), str(ctx.serial_log))
 
     extra = {
-        "location": source.location,
+        "location": mask_url(source.location),
         "install_source": source.kind,
         "installer_kernel_sha256": source.kernel_sha256,
         "installer_initrd_sha256": source.initrd_sha256,
-        "inst_repo": repo or "",
+        "inst_repo": mask_url(repo or ""),
         "kickstart_sha256": hashlib.sha256(masked.encode()).hexdigest(),
         "kickstart_version": recipe.kickstart.version,
     }
