@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from builder import runstamp
+
 pytestmark = pytest.mark.slow
 
 PYTEST = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--log-cli-level=INFO"]
@@ -32,9 +34,11 @@ class Run:
     def __init__(self, repo: Path, cache: Path, registry: Path, *args: str) -> None:
         env = {**os.environ, "KICKGATE_CACHE_DIR": str(cache), "KICKGATE_REGISTRY_DIR": str(registry)}
         env.pop("PYTEST_ADDOPTS", None)
-        self.proc = subprocess.Popen([*PYTEST, "specs/", *args], cwd=repo, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen([*PYTEST, "specs/", "--boot-timeout", "900", *args], cwd=repo, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
         self.lines: list[str] = []
+        self.seen_dirs: set[str] = set()
         self._seen = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -60,6 +64,12 @@ class Run:
                 if left <= 0:
                     raise AssertionError(f"no {pattern!r} within {timeout}s:\n" + "\n".join(self.lines[-60:]))
                 self._seen.wait(min(left, 1.0))
+
+    def own_dirs(self) -> set[str]:
+        """The /tmp directories this run made (stamped with its pid): read them while it lives."""
+        mine = {d for d in _tmp_dirs() if (o := runstamp.owner(Path(d))) is not None and o[0].pid == self.proc.pid}
+        self.seen_dirs |= mine
+        return mine
 
     def stop(self, sig: int, timeout: float = 180) -> int:
         self.proc.send_signal(sig)
@@ -99,10 +109,11 @@ def world(tmp_path: Path, shared_cache_dir: Path) -> Iterator[dict[str, Path]]:
     yield {"cache": cache, "registry": tmp_path / "registry"}
 
 
-def assert_left_nothing(run: Run, before: set[str], cache: Path, registry: Path) -> None:
-    new_dirs = _tmp_dirs() - before
-    assert _ours(new_dirs | {str(cache)}) == [], "QEMU of the stopped run still running"
-    assert not new_dirs, f"the stopped run left {sorted(new_dirs)}"
+def assert_left_nothing(run: Run, cache: Path, registry: Path) -> None:
+    """Nothing of run is left: judged by what it made itself, as other runs may share the machine."""
+    assert _ours(run.seen_dirs | {str(cache)}) == [], "QEMU of the stopped run still running"
+    left = sorted(d for d in run.seen_dirs if Path(d).exists())
+    assert not left, f"the stopped run left {left}"
     staging = list((cache / "tmp").glob("*")) if (cache / "tmp").is_dir() else []
     assert staging == [], f"build staging left: {staging}"
     tree_staging = [p for p in (cache / "trees").glob(".*-*") if p.is_dir()] if (cache / "trees").exists() else []
@@ -117,18 +128,18 @@ def assert_left_nothing(run: Run, before: set[str], cache: Path, registry: Path)
 ])
 def test_a_signal_unwinds_a_verify_run(repo_root: Path, world: dict[str, Path], stage: str, trigger: str,
                                        sig: int) -> None:
-    before = _tmp_dirs()
     run = Run(repo_root, world["cache"], world["registry"])
     try:
         run.wait_for(trigger)
         time.sleep(2)
+        assert run.own_dirs(), "the run made no directory of its own yet"
         rc = run.stop(sig)
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
     assert rc == pytest.ExitCode.INTERRUPTED, run.output[-4000:]
     assert f"interrupted ({signal.Signals(sig).name})" in run.output, run.output[-4000:]
-    assert_left_nothing(run, before, world["cache"], world["registry"])
+    assert_left_nothing(run, world["cache"], world["registry"])
 
 
 def _variant(repo_root: Path, root: Path) -> None:
@@ -145,30 +156,30 @@ def _variant(repo_root: Path, root: Path) -> None:
 def test_sigterm_during_the_finish_vm(repo_root: Path, world: dict[str, Path], tmp_path: Path) -> None:
     root = tmp_path / "recipes"
     _variant(repo_root, root)
-    before = _tmp_dirs()
     run = Run(repo_root, world["cache"], world["registry"], "--recipes", str(root))
     try:
         run.wait_for(r"generic-dev: finish-vm \.\.\.")
         time.sleep(3)
+        assert run.own_dirs(), "the run made no directory of its own yet"
         rc = run.stop(signal.SIGTERM)
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
     assert rc == pytest.ExitCode.INTERRUPTED, run.output[-4000:]
     assert "interrupted (SIGTERM)" in run.output
-    assert_left_nothing(run, before, world["cache"], world["registry"])
+    assert_left_nothing(run, world["cache"], world["registry"])
 
 
 def test_sigterm_during_mmdebstrap(repo_root: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cold-cache"  # nothing cached: mmdebstrap really runs
     cache.mkdir()
     registry = tmp_path / "registry"
-    before = _tmp_dirs()
     mounts_before = Path("/proc/self/mountinfo").read_text().count(str(cache))
     run = Run(repo_root, cache, registry)
     try:
         run.wait_for(r"generic-dev: mmdebstrap \.\.\.")
         time.sleep(8)
+        run.own_dirs()
         rc = run.stop(signal.SIGTERM)
     finally:
         if run.proc.poll() is None:
@@ -177,7 +188,7 @@ def test_sigterm_during_mmdebstrap(repo_root: Path, tmp_path: Path) -> None:
     leftover = subprocess.run(["pgrep", "-af", str(cache)], capture_output=True, text=True, check=False).stdout
     assert leftover == "", f"processes of the stopped build still run:\n{leftover}"
     assert Path("/proc/self/mountinfo").read_text().count(str(cache)) == mounts_before, "mounts left behind"
-    assert_left_nothing(run, before, cache, registry)
+    assert_left_nothing(run, cache, registry)
 
 
 @pytest.mark.parametrize(("stage", "trigger"), [
@@ -190,20 +201,19 @@ def test_after_sigkill_the_next_run_removes_what_the_dead_one_left(repo_root: Pa
     if stage == "finish-vm":
         _variant(repo_root, tmp_path / "recipes")
         args = ["--recipes", str(tmp_path / "recipes")]
-    before = _tmp_dirs()
     run = Run(repo_root, world["cache"], world["registry"], *args)
     try:
         run.wait_for(trigger)
         time.sleep(3)
+        run.own_dirs()
         os.killpg(run.proc.pid, signal.SIGKILL)  # the runner dies; its QEMU children do not
         run.proc.wait(timeout=60)
     finally:
         if run.proc.poll() is None:
             run.proc.kill()
-    left = _tmp_dirs() - before
-    assert left and _ours(left), "the killed run left nothing: the test did not stop it where it meant to"
+    assert run.seen_dirs and _ours(run.seen_dirs), "the killed run left nothing: it was not stopped where meant to"
     cleanup = subprocess.run([sys.executable, "-m", "builder.cli", "--cache-dir", str(world["cache"]), "cleanup"],
                              capture_output=True, text=True, timeout=120, check=False)
     assert cleanup.returncode == 0, cleanup.stderr
     assert "left over" in cleanup.stdout or "leftover" in cleanup.stdout
-    assert_left_nothing(run, before, world["cache"], world["registry"])
+    assert_left_nothing(run, world["cache"], world["registry"])
