@@ -1,0 +1,1 @@
+../../../generic-dev/scripts/node/motd.sh
