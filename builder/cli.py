@@ -102,11 +102,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> Iterator[Pipeline]:
     """A Pipeline whose builds and boots show their progress on stderr, as `pytest specs/` shows it.
 
-    A live line on a terminal (unless -v, whose log lines would break into it); plain lines otherwise.
+    A live line on a terminal when nothing else writes there; with INFO log lines on stderr (the
+    default) plain lines, which interleave with them cleanly.
     """
     from builder.pipeline import Pipeline
 
-    live = not plain_output(sys.stderr.isatty()) and not args.verbose
+    live = not plain_output(sys.stderr.isatty()) and logging.getLogger().getEffectiveLevel() > logging.INFO
     display = LiveDisplay(StreamSink(sys.stderr, width=shutil.get_terminal_size().columns), live=live)
     try:
         with Pipeline(_options(args), progress=Progress(display)) as pipeline:

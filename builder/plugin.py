@@ -120,7 +120,9 @@ class TerminalSink:
         if isinstance(self._interrupted, Path):  # default verbosity: "specs/test_x.py ..", dots follow
             self.tr.write(os.path.relpath(self._interrupted, self.tr.startpath) + " ")
             self.tr.currentfspath = self._interrupted
-        # -v: pytest writes the test id again itself (its prefix is gone from the current line).
+        elif isinstance(self._interrupted, str):  # -v: the test id, its outcome follows
+            self.tr.write(self._interrupted)
+            self.tr.currentfspath = self._interrupted
         self._interrupted = None
         self.tr.flush()
 
