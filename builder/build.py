@@ -6,8 +6,10 @@ or qcow2 disk inside a private work directory; everything common to all methods 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -17,8 +19,8 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,10 @@ from filelock import FileLock
 
 from builder import __version__, runstamp
 from builder.errors import BuildError, KickgateError
-from builder.fsutil import atomic_write_text, private_key_file, sha256_file
+from builder.fsutil import atomic_write_text, check_private_dir, fsync_dir, private_key_file, sha256_file
 from builder.hypervisor import Hypervisor
 from builder.method import PACKAGE_DIR, BuildContext, BuildOptions, Method, code_files, get_method
+from builder.packages import Package, packages_from_json, packages_from_pairs
 from builder.provenance import git_state
 from builder.recipe import Recipe
 from builder.run import run
@@ -63,7 +66,7 @@ class BuildRecord:
     serial_log: str  # name inside the artifact directory
     build_mac: str
     domain_type: str
-    packages: tuple[tuple[str, str], ...]
+    packages: tuple[Package, ...]
     extra: Mapping[str, str]
 
     def to_json(self) -> str:
@@ -72,7 +75,11 @@ class BuildRecord:
     @classmethod
     def from_json(cls, text: str) -> BuildRecord:
         data = json.loads(text)
-        data["packages"] = tuple(tuple(p) for p in data.get("packages", ()))
+        listed = data.get("packages", ())
+        if listed and not isinstance(listed[0], dict):  # records before package metadata: (name, version)
+            data["packages"] = packages_from_pairs(listed, "rpm" if data.get("family") == "rhel" else "deb")
+        else:
+            data["packages"] = packages_from_json(listed)
         return cls(**data)
 
 
@@ -130,7 +137,9 @@ def recipe_fingerprint(recipe: Recipe) -> dict[str, Any]:
             return [norm(v) for v in value]
         return value
 
-    data = {f.name: norm(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != "path"}
+    # image.toml's path is where the checkout is; [verify] says how instances run, not what is built.
+    data = {f.name: norm(getattr(recipe, f.name)) for f in dataclasses.fields(recipe)
+            if f.name not in ("path", "verify")}
     # Files a kickstart template may include, beside the template itself.
     data["includes"] = [_file_facts(p, root) for p in recipe.input_files() if p != recipe.path]
     return data
@@ -201,30 +210,113 @@ def load_artifact(directory: Path) -> Artifact:
     return Artifact(dir=directory, record=record, cached=True, seconds=0.0)
 
 
+RECORD_MAC_NAME = "record.hmac"
+IN_USE_NAME = ".in-use"
+
+
+def _record_mac(cache_dir: Path, record_text: str) -> str:
+    """A record's own integrity: an HMAC under the machine's build key, so a record edited to match
+    swapped image bytes is not taken for the build's."""
+    key = private_key_file(cache_dir / BUILD_KEY_NAME)
+    return hmac.new(key, record_text.encode(), hashlib.sha256).hexdigest()
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """The cache decides which bytes get verified and registered: only its owner may write to it."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    check_private_dir(cache_dir, "the build cache", "--cache-dir or KICKGATE_CACHE_DIR")
+
+
+def _verified(entry: Path, cache_dir: Path) -> Artifact | None:
+    """The artifact in entry if its record is the one this machine wrote and the image has its bytes."""
+    try:
+        text = (entry / RECORD_NAME).read_text()
+        mac = (entry / RECORD_MAC_NAME).read_text().strip()
+    except OSError:
+        return None
+    if not hmac.compare_digest(mac, _record_mac(cache_dir, text)):
+        log.warning("%s: its record does not carry this machine's signature; rebuilding", entry)
+        return None
+    art = Artifact(dir=entry, record=BuildRecord.from_json(text), cached=True, seconds=0.0)
+    if not art.image.is_file() or sha256_file(art.image) != art.record.image_sha256:
+        log.warning("%s: the image's bytes differ from its build record; rebuilding", entry)
+        return None
+    return art
+
+
+@contextlib.contextmanager
+def in_use(artifact: Artifact) -> Iterator[None]:
+    """Hold artifact for the lifetime of the block: a concurrent rebuild then leaves its files alone."""
+    fd = os.open(artifact.dir / IN_USE_NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_unused(images_dir: Path) -> None:
+    """Remove entries no name points to and no run holds (a replaced build, once its last user ended)."""
+    entries = list(images_dir.iterdir())
+    keep = {e.resolve() for e in entries if e.is_symlink()}
+    for entry in entries:
+        if entry.is_symlink() or not entry.is_dir() or entry.resolve() in keep or entry.name.startswith("."):
+            continue
+        marker = entry / IN_USE_NAME
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a run still uses it
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+            log.info("removed the replaced build %s", entry)
+        finally:
+            os.close(fd)
+
+
 def build_image(recipe: Recipe, hypervisor: Hypervisor, options: BuildOptions,
                 on_console_line: Callable[[str], None] | None = None) -> Artifact:
-    """Return the cached artifact for recipe, building it first if needed. xdist- and process-safe."""
+    """Return the cached artifact for recipe, building it first if needed. xdist- and process-safe.
+
+    images/<recipe>/<key> is a symlink to the entry holding the build; a rebuild makes a new entry and
+    switches the link atomically, so a file an instance of another run is backed by is never removed
+    under it (the old entry goes once no run holds it: see in_use).
+    """
     started = time.monotonic()
+    check_cache_dir(options.cache_dir)
     method = get_method(recipe.method)
     tools = tool_versions(method)
     key = cache_key(recipe, method, tools, options.cache_dir, options.location)
     images_dir = options.cache_dir / "images" / recipe.name
-    final = images_dir / key[:16]
+    link = images_dir / key[:16]
     images_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(images_dir / f".{key[:16]}.lock")):
-        if final.is_dir() and (final / RECORD_NAME).is_file() and not options.no_cache:
-            art = load_artifact(final)
-            if art.image.is_file() and art.image.stat().st_size == art.record.image_size:
+        current = link.resolve() if link.exists() else None
+        if current is not None and not options.no_cache:
+            art = _verified(current, options.cache_dir)
+            if art is not None:
+                _remove_unused(images_dir)
                 elapsed = time.monotonic() - started
                 log.info("%s: cached %s (%.2fs)", recipe.name, art.image, elapsed)
-                return Artifact(dir=final, record=art.record, cached=True, seconds=elapsed)
-            log.warning("%s: cached artifact in %s is incomplete; rebuilding", recipe.name, final)
-        return _build_uncached(recipe, method, hypervisor, options, tools, key, final, started, on_console_line)
+                return replace(art, seconds=elapsed)
+        art = _build_uncached(recipe, method, hypervisor, options, tools, key, images_dir, started, on_console_line)
+        if link.is_dir() and not link.is_symlink():  # an entry of the older layout (a plain directory)
+            link.rename(images_dir / f"{key[:16]}.old-{uuid.uuid4().hex[:6]}")
+        tmp_link = images_dir / f".{key[:16]}.{uuid.uuid4().hex}"
+        os.symlink(art.dir.name, tmp_link)
+        os.replace(tmp_link, link)
+        fsync_dir(images_dir)
+        _remove_unused(images_dir)
+        return art
 
 
 def _build_uncached(recipe: Recipe, method: Method, hypervisor: Hypervisor, options: BuildOptions,
                     tools: Mapping[str, str],
-                    key: str, final: Path, started: float,
+                    key: str, images_dir: Path, started: float,
                     on_console_line: Callable[[str], None] | None) -> Artifact:
     tmp_root = options.cache_dir / "tmp"
     tmp_root.mkdir(parents=True, exist_ok=True)
@@ -258,9 +350,10 @@ def _build_uncached(recipe: Recipe, method: Method, hypervisor: Hypervisor, opti
             image_format=recipe.disk.format, image_sha256=digest, image_size=(out / image_name).stat().st_size,
             virtual_size_mib=recipe.disk.size_mib, serial_log=serial.name, build_mac=result.build_mac,
             domain_type=result.domain_type, packages=result.packages, extra=dict(result.extra))
-        atomic_write_text(out / RECORD_NAME, record.to_json())
-        if final.exists():
-            shutil.rmtree(final)
+        text = record.to_json()
+        atomic_write_text(out / RECORD_NAME, text)
+        atomic_write_text(out / RECORD_MAC_NAME, _record_mac(options.cache_dir, text) + "\n")
+        final = images_dir / f"{key[:16]}.{record.build_id.rsplit('-', 1)[-1]}"
         os.replace(out, final)
         log.info("%s: built %s in %.1fs (sha256 %s)", recipe.name, final / image_name, total, digest[:12])
         return Artifact(dir=final, record=record, cached=False, seconds=total)

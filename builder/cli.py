@@ -1,4 +1,5 @@
-"""The `kickgate` command: validate, render, build, boot, list and show registered images, clean up."""
+"""The `kickgate` command: validate, render, build, boot, list, show, promote and roll back registered images,
+clean up."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder import __version__
-from builder.errors import KickgateError
+from builder.errors import KickgateError, RecipeError
 from builder.fsutil import atomic_write_text
 from builder.options import RunOptions, add_options, registry_options, run_options
 from builder.progress import LiveDisplay, Progress, StreamSink, plain_output
 from builder.recipe import RecipeBook, find_root
 from builder.registry import open_registry
-from builder.registry.base import Registry
+from builder.registry.base import PromoteTargets, Promotion, Registry
 from builder.signals import received, stop_signals_interrupt
 
 if TYPE_CHECKING:
@@ -166,15 +167,83 @@ def cmd_images(args: argparse.Namespace) -> int:
         return 0
     for e in entries:
         attrs = dict(e.attributes)
-        print(f"{e.name}\tversion {e.version}\tsha256 {e.sha256[:12]}\t{attrs.get('GITREV', '')}\t"
-              f"{attrs.get('SPECS', '').split(':', 1)[0]} specs\t{e.location}")
+        which = e.label if e.image_id is not None else f"{e.name}\tversion {e.version}"
+        print(f"{which}\tsha256 {e.sha256[:12]}\t{attrs.get('GITREV', '')}\t"
+              f"{attrs.get('SPECS', '').split(':', 1)[0]} specs\t{e.location}" + ("\tpromoted" if e.promoted else ""))
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    name, _, version = args.ref.partition("@")
-    print(json.dumps(dict(_registry(args).get(name, version or "latest").details), indent=2, default=str))
+    print(json.dumps(dict(_registry(args).get(*_ref(args.ref)).details), indent=2, default=str))
     return 0
+
+
+def _ref(ref: str) -> tuple[str, str]:
+    from builder.versions import parse_ref
+
+    name, version = parse_ref(ref)
+    return name, str(version)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from builder.inventory import from_attributes
+    from builder.packages import diff_packages, render_diff
+
+    registry = _registry(args)
+    old, new = (registry.get(*_ref(ref)) for ref in (args.old, args.new))
+    diff = diff_packages(from_attributes(old.attributes, old.label).packages,
+                         from_attributes(new.attributes, new.label).packages)
+    if args.json:
+        print(json.dumps({"old": old.label, "new": new.label, **diff.to_json()}, indent=2))
+    else:
+        print(f"{new.label}: " + render_diff(diff, old.label))
+    return 0
+
+
+def cmd_sbom(args: argparse.Namespace) -> int:
+    from builder.inventory import stored_sbom
+
+    reg = _registry(args).get(*_ref(args.ref))
+    sys.stdout.write(stored_sbom(reg.attributes, reg.label))
+    return 0
+
+
+def _promote_targets(args: argparse.Namespace, name: str) -> PromoteTargets:
+    """The [promote] table of the recipe registering name; none (no templates) when no recipe does."""
+    from builder.promote import recipe_registering, recipe_targets
+
+    try:
+        book = _book(args)
+    except RecipeError:
+        book = None
+    recipe = recipe_registering(book, name) if book is not None else None
+    targets = recipe_targets(recipe)
+    if targets is None:
+        where = f"{recipe.path} has no [promote] table" if recipe else f"no recipe registers {name}"
+        logging.getLogger("kickgate").warning("%s: no VM template follows the promoted version", where)
+        return PromoteTargets()
+    return targets
+
+
+def _print_promotion(promotion: Promotion) -> int:
+    print(promotion.summary())
+    return 0 if promotion.complete else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from builder.promote import promote_ref
+    from builder.versions import parse_ref
+
+    name, _ = parse_ref(args.ref)
+    registry = _registry(args)
+    return _print_promotion(promote_ref(registry, args.ref, _promote_targets(args, name)))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from builder.promote import rollback
+
+    registry = _registry(args)
+    return _print_promotion(rollback(registry, args.name, _promote_targets(args, args.name)))
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -223,13 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_boot)
 
     for name, func, helptext in (("images", cmd_images, "list registered images"),
-                                 ("show", cmd_show, "show one registered image's record")):
+                                 ("show", cmd_show, "show one registered image's record"),
+                                 ("diff", cmd_diff, "packages added, removed, up- and downgraded between two "
+                                  "registered versions"),
+                                 ("sbom", cmd_sbom, "print the CycloneDX SBOM of a registered image")):
         s = sub.add_parser(name, help=helptext)
-        if name == "show":
+        if name in ("show", "sbom"):
             s.add_argument("ref", metavar="NAME[@VERSION]")
+        if name == "diff":
+            s.add_argument("old", metavar="NAME@A")
+            s.add_argument("new", metavar="NAME@B")
         add_options(s.add_argument, "registry")
-        s.add_argument("--json", action="store_true", help="JSON output")
+        if name != "sbom":
+            s.add_argument("--json", action="store_true", help="JSON output")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("promote", help="point VM templates (and the local 'promoted' link) at a verified version")
+    s.add_argument("ref", metavar="NAME@VERSION",
+                   help="VERSION: N or vN (OpenNebula: NAME-vN), id:N (an OpenNebula image ID), latest")
+    add_options(s.add_argument, "registry")
+    s.set_defaults(func=cmd_promote)
+
+    s = sub.add_parser("rollback", help="point them back at the version promoted before the current one")
+    s.add_argument("name", metavar="NAME")
+    add_options(s.add_argument, "registry")
+    s.set_defaults(func=cmd_rollback)
 
     s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove what dead runs left")
     s.set_defaults(func=cmd_cleanup)

@@ -120,3 +120,18 @@ def private_key_file(path: Path, size: int = 32) -> bytes:
         raise KickgateError(f"{path}: the key file is truncated; remove it to make a new one")
     return key
 
+
+
+def check_private_dir(path: Path, what: str, how: str) -> None:
+    """Refuse a directory others could write to (they could swap what kickgate verifies or promotes)."""
+    st = path.lstat()
+    problem = ""
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symbolic link"
+    elif st.st_uid != os.getuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.getuid()})"
+    elif st.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.filemode(st.st_mode)})"
+    if problem:
+        raise KickgateError(f"{what} {path} {problem}: use a directory of your own ({how}), or fix it with "
+                            f"`chown {os.getuid()} {path} && chmod go-w {path}`")

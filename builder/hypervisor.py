@@ -101,6 +101,7 @@ class Hypervisor:
         self._embed_root: Path | None = None
         self._conn: Any = None
         self._domains: dict[str, Any] = {}
+        self._kept: set[str] = set()
         self._lock = threading.Lock()
         self._domain_type: DomainType | None = None
 
@@ -174,6 +175,14 @@ class Hypervisor:
             names = list(self._domains)
         for name in names:
             self.destroy(name)
+        if self.embedded and self._conn is not None:
+            # Every domain of this process's embedded driver is this run's: none may outlive it
+            # unless it was kept (forgotten) on purpose.
+            with contextlib.suppress(libvirt.libvirtError):
+                for dom in self._conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                    if dom.name() not in self._kept:
+                        with contextlib.suppress(libvirt.libvirtError):
+                            dom.destroy()
         with contextlib.suppress(OSError):
             self._save_caps()
         if self._conn is not None:
@@ -187,9 +196,15 @@ class Hypervisor:
         """Start a transient domain; it is destroyed at close() if still running."""
         if self._conn is None:
             raise HypervisorError("hypervisor is not open")
+        # Claimed before libvirt starts it: a signal that lands right after createXML returns must not
+        # leave a running domain that nobody knows to destroy.
+        with self._lock:
+            self._domains[name] = None
         try:
             dom = self._conn.createXML(xml, 0)
         except libvirt.libvirtError as exc:
+            with self._lock:
+                self._domains.pop(name, None)
             raise HypervisorError(f"libvirt refused domain {name}: {exc.get_error_message()}") from None
         with self._lock:
             self._domains[name] = dom
@@ -199,11 +214,13 @@ class Hypervisor:
     def destroy(self, name: str) -> None:
         """Stop a domain for good (idempotent) and wait for its qemu process to be gone."""
         with self._lock:
-            dom = self._domains.pop(name, None)
-        if dom is None:
-            return
+            if name not in self._domains:
+                return
+            dom = self._domains.pop(name)
         with contextlib.suppress(libvirt.libvirtError):
-            if dom.isActive():
+            if dom is None and self._conn is not None:
+                dom = self._conn.lookupByName(name)
+            if dom is not None and dom.isActive():
                 dom.destroy()
                 log.debug("domain %s destroyed", name)
 
@@ -214,6 +231,7 @@ class Hypervisor:
         """
         with self._lock:
             dom = self._domains.pop(name, None)
+            self._kept.add(name)
         if dom is None or self.cache_dir is None:
             return None
         pid = 0

@@ -44,11 +44,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from builder.errors import BuildError, RecipeError
 from builder.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+
+def has_credentials(url: str) -> bool:
+    return urlsplit(url).password is not None or "@" in urlsplit(url).netloc
+
+
+def mask_url(url: str) -> str:
+    """url with any user:password replaced by ***, for logs, errors and records."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit((parts.scheme, "***@" + parts.netloc.rsplit("@", 1)[1], parts.path, parts.query,
+                       parts.fragment))
 
 STAGE = "fetch-installer"
 DEFAULT_KERNEL = "images/pxeboot/vmlinuz"
@@ -194,7 +208,7 @@ class _UrlReader(_Reader):
 
     def __init__(self, base: str, timeout: float) -> None:
         self.base = base if base.endswith("/") else base + "/"
-        self.describe = self.base
+        self.describe = mask_url(self.base)
         self.timeout = timeout
 
     def copy(self, rel: str, out: _Writable) -> None:

@@ -59,6 +59,9 @@ class InstanceOptions:
     hostname: str | None = None
     init_script: str | None = None  # OpenNebula FILES: init.sh run by contextualization
     context_extra: Mapping[str, str] = field(default_factory=dict)
+    # The guest under test reaches nothing but its forwarded ports: not the host's loopback services
+    # (an OpenNebula front-end, other instances' SSH) nor the outside (recipe: [verify] network).
+    isolated: bool = True
 
 
 def free_port() -> int:
@@ -160,7 +163,8 @@ class Instance:
                 name=self.name, type="kvm" if dtype == "kvm" else "qemu", memory_mib=self.options.memory_mib,
                 vcpus=self.options.vcpus, serial_log=self.serial_log,
                 disks=(Disk(overlay, "qcow2"), Disk(context_iso, "raw", device="cdrom")),
-                nic=Nic(mac=self.mac, host_forwards=tuple((h, g) for g, h in self.forwards.items())),
+                nic=Nic(mac=self.mac, host_forwards=tuple((h, g) for g, h in self.forwards.items()),
+                        restrict=self.options.isolated),
                 on_reboot="restart")
             try:
                 self._dom = self.hv.start(domain_xml(spec), self.name)

@@ -16,6 +16,7 @@ from typing import Literal
 from builder.errors import KickgateError
 from builder.hypervisor import Hypervisor
 from builder.options import Accel
+from builder.packages import Package
 from builder.recipe import Recipe
 from builder.stages import Stages
 
@@ -48,7 +49,7 @@ class MethodResult:
     disk_format: Literal["raw", "qcow2"]
     build_mac: str
     domain_type: str
-    packages: tuple[tuple[str, str], ...] = ()
+    packages: tuple[Package, ...] = ()
     extra: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -66,7 +67,7 @@ class Method:
 
 
 # The build machinery every method shares: a change here changes every image.
-SHARED_CODE = ("build.py", "method.py", "domain.py", "domainrun.py", "console.py", "recipe.py")
+SHARED_CODE = ("build.py", "method.py", "domain.py", "domainrun.py", "console.py", "recipe.py", "packages.py")
 
 
 def get_method(name: str) -> Method:

@@ -45,6 +45,7 @@ class OpenNebulaOptions:
     datastore: str | None = None
     publish_dir: Path | None = None
     name_policy: NamePolicy | None = None
+    owner: str | None = None  # whose images to trust; None: the authenticated user
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,8 @@ OPTIONS: tuple[Option, ...] = (
          help="where images are published for the front-end (must be in the datastore's SAFE_DIRS)"),
     _opt("--one-name-policy", on="pytest registry", choices=list(get_args(NamePolicy)),
          help="what to do when NAME is taken by other bytes (default: version)"),
+    _opt("--one-owner", on="pytest registry", metavar="USER",
+         help="trust the kickgate images of this OpenNebula user (name or ID; default: the authenticated user)"),
 )
 
 
@@ -154,7 +157,7 @@ def _path(get: Getter, name: str) -> Path | None:
 def registry_options(get: Getter) -> RegistryOptions:
     one = OpenNebulaOptions(endpoint=get("one_xmlrpc"), auth_file=_path(get, "one_auth"),
                             datastore=get("one_datastore"), publish_dir=_path(get, "one_publish_dir"),
-                            name_policy=cast(NamePolicy | None, get("one_name_policy")))
+                            name_policy=cast(NamePolicy | None, get("one_name_policy")), owner=get("one_owner"))
     return RegistryOptions(kind=cast(RegistryKind, get("registry") or "local"),
                            directory=_path(get, "registry_dir"), one=one)
 

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any
 
 from builder import runstamp
-from builder.build import Artifact, BuildRecord, build_image, load_artifact
+from builder.build import Artifact, BuildRecord, build_image, in_use, load_artifact
 from builder.disk import image_info
 from builder.errors import KickgateError
 from builder.fsutil import atomic_copy, sha256_file
@@ -27,9 +27,10 @@ from builder.hypervisor import Hypervisor
 from builder.instance import Instance, InstanceOptions
 from builder.method import BuildOptions
 from builder.options import RunOptions
+from builder.packages import PackageDiff
 from builder.progress import BOOT, BUILD, Progress
 from builder.recipe import Recipe, RecipeBook, find_root
-from builder.registry.base import Registered
+from builder.registry.base import Promotion, Registered
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,14 @@ class ImageState:
     verdict: Verdict | None = None
     registered: Registered | None = None
     register_error: str | None = None
+    promotion: Promotion | None = None
+    promote_error: str | None = None
     current: Instance | None = None
     boot_seconds: list[float] = field(default_factory=list)
     spec_seconds: float = 0.0
     register_seconds: float = 0.0
+    package_diff: PackageDiff | None = None  # against the version registered before, when there is one
+    package_diff_line: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {"image": self.image.to_wire() if self.image else None, "error": self.error,
@@ -126,6 +131,7 @@ class Pipeline:
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
         self._kept_instances: list[Instance] = []
+        self._held = contextlib.ExitStack()
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -144,6 +150,7 @@ class Pipeline:
                 self._hv.forget(inst.name, inst.workdir)
             self._hv.close()
             self._hv = None
+        self._held.close()
 
     def hypervisor(self) -> Hypervisor:
         """The run's libvirt connection, opened on first use and closed with the pipeline."""
@@ -233,18 +240,18 @@ class Pipeline:
         bopts = BuildOptions(cache_dir=opts.cache_dir, no_cache=opts.no_cache, accel=opts.accel,
                              console=opts.console, location=opts.location)
         art = build_image(recipe, self.hypervisor(), bopts, on_console_line=on_console_line)
-        digest = sha256_file(art.image)
-        if digest != art.record.image_sha256:
-            raise KickgateError(f"{art.image}: sha256 {digest[:12]}… differs from its build record "
-                                f"({art.record.image_sha256[:12]}…); the cached file was modified — rebuild "
-                                "with --no-cache")
-        return ImageUnderTest(name=name, recipe=recipe, path=art.image, format=art.record.image_format,
-                              sha256=digest, size=art.image.stat().st_size, record=art.record, artifact=art,
-                              cached=art.cached, seconds=art.seconds)
+        # build_image hashed the file (a cache hit is re-hashed against its signed record); holding the
+        # entry keeps a concurrent rebuild from removing the bytes this run's instances are backed by.
+        self._held.enter_context(in_use(art))
+        return ImageUnderTest(name=name, recipe=recipe, path=art.image.resolve(), format=art.record.image_format,
+                              sha256=art.record.image_sha256, size=art.image.stat().st_size, record=art.record,
+                              artifact=art, cached=art.cached, seconds=art.seconds)
 
     # -- instances ---------------------------------------------------------------------------
 
     def new_instance(self, image: ImageUnderTest, label: str, **opts: Any) -> Instance:
+        if image.recipe is not None and image.recipe.verify.network == "outbound":
+            opts.setdefault("isolated", False)
         options = InstanceOptions(keep=self.options.keep, boot_timeout_s=self.options.boot_timeout_s, **opts)
         hv = self.hypervisor()
         return Instance(hv, image.path, image.format, label=label, options=options, avoid_mac=image.build_mac,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest import junitxml
 
 from builder.errors import KickgateError
 from builder.instance import Instance
@@ -24,7 +25,15 @@ from builder.pipeline import ImageUnderTest, KeptInstance, Pipeline
 from builder.progress import LiveDisplay, plain_output
 from builder.registration import RunFacts, gate_and_register
 from builder.registry import open_registry
-from builder.report import html_summary, junit_properties, stage_rows, stage_table, summary_lines, write_artifacts
+from builder.report import (
+    html_summary,
+    junit_properties,
+    stage_rows,
+    stage_table,
+    suite_properties,
+    summary_lines,
+    write_artifacts,
+)
 from builder.signals import received, stop_signals_interrupt
 
 log = logging.getLogger(__name__)
@@ -141,6 +150,7 @@ class KickgatePlugin:
         self.deselected = 0
         self.not_applicable: set[str] = set()  # node ids of specs for another OS family
         self.interrupted = False
+        self._stopped_by: str | None = None
         self.sink: TerminalSink | None = None
 
     # -- progress ----------------------------------------------------------------------------
@@ -236,11 +246,13 @@ class KickgatePlugin:
 
     def pytest_keyboard_interrupt(self, excinfo: Any) -> None:
         self.interrupted = True
+        # pytest stops a session with its own Interrupted (collection errors, -x): not a person or a signal.
+        self._stopped_by = str(excinfo.value) if isinstance(excinfo.value, pytest.Session.Interrupted) else None
 
     def interrupted_by(self) -> str | None:
         if not self.interrupted:
             return None
-        return received() or "Ctrl-C"
+        return self._stopped_by or received() or "Ctrl-C"
 
     # -- gate --------------------------------------------------------------------------------
 
@@ -286,6 +298,7 @@ class KickgatePlugin:
         self.pipeline.kept += [KeptInstance(**k) for k in data["kept"]]
         self.pipeline.progress.timeline.adopt(data.get("timeline", []))
 
+    @pytest.hookimpl(tryfirst=True)  # before junitxml writes its report: the gate adds properties to it
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:
@@ -301,6 +314,11 @@ class KickgatePlugin:
             for name, state in self.pipeline.images.items():
                 if state.verdict is not None:
                     write_artifacts(self.options.artifacts_dir, name, state)
+        junit = self.config.stash.get(junitxml.xml_key, None)
+        if junit is not None:
+            for name, state in self.pipeline.images.items():
+                for key, value in suite_properties(name, state):
+                    junit.add_global_property(key, value)
         if failed and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

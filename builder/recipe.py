@@ -96,6 +96,26 @@ class RegisterSpec:
 
 
 @dataclass(frozen=True)
+class PromoteSpec:
+    """The [promote] table: which VM templates follow a verified image, and how many versions to keep.
+
+    Kept out of Recipe (read with promote_spec) so that changing it never changes the image's cache key.
+    """
+
+    templates: tuple[str | int, ...]  # names or IDs
+    select: tuple[tuple[str, str], ...]  # every VM template carrying all these attributes
+    keep: int | None  # None: delete nothing
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """How verify instances are run. It does not shape the image, so it is not part of the cache key."""
+
+    network: Literal["isolated", "outbound"] = "isolated"
+    reason: str = ""  # why the specs need outbound access (required with network = "outbound")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str
     dir: Path
@@ -110,6 +130,7 @@ class Recipe:
     scripts: tuple[Script, ...]  # common first, then node, each in recipe order
     variables: tuple[tuple[str, str], ...]
     register: RegisterSpec
+    verify: VerifySpec = VerifySpec()
 
     @property
     def variables_map(self) -> dict[str, str]:
@@ -282,7 +303,7 @@ def _str_list(ctx: _Ctx, section: str, key: str, value: object) -> tuple[str, ..
 # --------------------------------------------------------------------------- loading
 
 _TOP_KEYS = {"name", "description", "method", "family", "disk", "vm", "bootstrap", "kickstart",
-             "scripts", "vars", "register"}
+             "scripts", "vars", "register", "promote", "verify"}
 
 
 def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
@@ -332,10 +353,24 @@ def load_recipe(recipe_dir: Path, common_scripts_dir: Path) -> Recipe:
     scripts = _load_scripts(ctx, data, recipe_dir, common_scripts_dir)
     variables = _load_vars(ctx, data)
     register = _load_register(ctx, data, name, description)
+    _load_promote(ctx, data)  # checked now, before anything boots; read again by promote_spec
+    verify = _load_verify(ctx, data)
 
     return Recipe(name=name, dir=recipe_dir, path=path, description=description, method=method,
                   family=family, disk=disk, vm=vm, bootstrap=bootstrap, kickstart=kickstart,
-                  scripts=scripts, variables=variables, register=register)
+                  scripts=scripts, variables=variables, register=register, verify=verify)
+
+
+def _load_verify(ctx: _Ctx, data: Mapping[str, Any]) -> VerifySpec:
+    t = _table(ctx, data, "verify", ("network", "reason"))
+    network = t.get("network", "isolated")
+    if network not in ("isolated", "outbound"):
+        raise ctx.error("verify", "network", f"must be 'isolated' or 'outbound', got {network!r}")
+    reason = _str(ctx, "verify", "reason", t["reason"]) if "reason" in t else ""
+    if network == "outbound" and not reason.strip():
+        raise ctx.error("verify", "network", "outbound access for the guest under test needs a reason",
+                        'add reason = "..." saying what the specs must reach')
+    return VerifySpec(network=network, reason=reason)
 
 
 def _load_disk(ctx: _Ctx, data: Mapping[str, Any]) -> DiskSpec:
@@ -497,6 +532,44 @@ def _load_register(ctx: _Ctx, data: Mapping[str, Any], name: str, description: s
         else:
             attrs.append((k, sval))
     return RegisterSpec(name=reg_name, type=typ, public=public, description=desc, attributes=tuple(attrs))
+
+
+def _load_promote(ctx: _Ctx, data: Mapping[str, Any]) -> PromoteSpec | None:
+    if "promote" not in data:
+        return None
+    t = _table(ctx, data, "promote", ("templates", "select", "keep"))
+    templates = t.get("templates", [])
+    if not isinstance(templates, list):
+        raise ctx.error("promote", "templates", "must be a list of VM template names or IDs",
+                        'write e.g. templates = ["web-base", 42]')
+    for i, item in enumerate(templates):
+        ok_id = isinstance(item, int) and not isinstance(item, bool) and item >= 0
+        if not ok_id and not (isinstance(item, str) and item.strip()):
+            raise ctx.error("promote", "templates", f"item {i + 1}: {item!r} is neither a template name nor an ID",
+                            "names are non-empty strings, IDs non-negative integers")
+    select = t.get("select", {})
+    if not isinstance(select, dict):
+        raise ctx.error("promote", "select", "must be a table of template attributes",
+                        'write e.g. select = { KICKGATE_IMAGE = "generic-dev" }')
+    for k, v in select.items():
+        if not _ATTR_RE.match(k) or not isinstance(v, str) or not v:
+            raise ctx.error("promote", "select", f"{k} = {v!r}: keys are upper-case template attributes and "
+                            "values non-empty strings")
+    keep = t.get("keep")
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ctx.error("promote", "keep", f"must be a whole number of versions, at least 1, got {keep!r}",
+                        "the promoted version is always kept")
+    return PromoteSpec(templates=tuple(templates), select=tuple(select.items()), keep=keep)
+
+
+def promote_spec(recipe: Recipe) -> PromoteSpec | None:
+    """The recipe's [promote] table (None when it has none), validated like the rest of the recipe."""
+    try:
+        text = recipe.path.read_text(encoding="utf-8")
+        data = tomllib.loads(text)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeError(recipe.path, "promote", f"cannot read it again: {exc}") from None
+    return _load_promote(_Ctx(recipe.path, text), data)
 
 
 # --------------------------------------------------------------------------- discovery

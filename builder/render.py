@@ -12,6 +12,8 @@ Template context
     before a script's text, as the bootstrap method runs the same scripts with them;
   * ``markers``: the serial console lines the kickstart build method waits for (``markers.ok``,
     ``markers.failed``, ``markers.pkg``, ``markers.pkgs_begin``, ``markers.pkgs_end``);
+  * ``rpm_queryformat``: the ``rpm -qa --qf`` argument whose lines (after ``markers.pkg``) become
+    the build record's package list (name, version, arch, source rpm, licence);
   * secrets from the environment, never from the recipe: ``rootpw_hash`` from
     ``KICKGATE_ROOTPW_HASH`` (a crypt(3) hash; empty when unset, and the template then writes
     ``rootpw --lock``) and ``secrets.<name>`` from each ``KICKGATE_SECRET_<NAME>``.
@@ -49,6 +51,7 @@ from pathlib import Path
 import jinja2
 
 from builder.errors import RecipeError
+from builder.packages import rpm_query_format
 from builder.recipe import Recipe, Script, describe_char, forbidden_char
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,7 @@ MASK = "********"
 # every %post body), and the per-script %post logs, which may hold whatever a script printed.
 KICKSTART_COPIES = ("/root/anaconda-ks.cfg", "/root/original-ks.cfg", "/root/initial-setup-ks.cfg")
 POST_LOGS = "/root/kickgate-post-*.log"
-RESERVED_NAMES = frozenset({"image", "description", "scripts", "script_env", "markers",
+RESERVED_NAMES = frozenset({"image", "description", "scripts", "script_env", "markers", "rpm_queryformat",
                             "rootpw_hash", "secrets"})
 
 
@@ -213,7 +216,8 @@ def template_context(recipe: Recipe, env: Mapping[str, str] | None = None) -> di
                if k.startswith(SECRET_PREFIX) and len(k) > len(SECRET_PREFIX)}
     ctx: dict[str, object] = dict(variables)
     ctx.update(image=recipe.name, description=recipe.description, scripts=script_views(recipe),
-               script_env=script_env(recipe), markers=MARKERS, rootpw_hash=Verbatim(rootpw), secrets=secrets)
+               script_env=script_env(recipe), markers=MARKERS, rpm_queryformat=rpm_query_format(MARKERS.pkg),
+               rootpw_hash=Verbatim(rootpw), secrets=secrets)
     return ctx
 
 

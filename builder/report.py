@@ -8,9 +8,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.fsutil import atomic_write_json
+from builder.fsutil import atomic_write_json, atomic_write_text
+from builder.inventory import SBOM_FILE
+from builder.packages import render_diff
 from builder.pipeline import ImageState, KeptInstance, copy_into
 from builder.progress import BOOT, BUILD, ActivityTiming
+from builder.registration import inventory_of
 
 
 def summary_lines(images: Mapping[str, ImageState], not_selected: Mapping[str, str],
@@ -30,10 +33,16 @@ def summary_lines(images: Mapping[str, ImageState], not_selected: Mapping[str, s
             parts.append(f"boot-to-SSH {max(state.boot_seconds):.1f}s")
         r = state.results
         parts.append(f"specs {len(r.passed)}/{r.total} passed")
+        if state.package_diff_line:
+            parts.append(f"packages {state.package_diff_line}")
         if state.registered is not None:
             reg = state.registered
             what = "already registered" if reg.reused else "registered"
-            parts.append(f"{what}: {reg.registry} {reg.name} version {reg.version} ({reg.location})")
+            parts.append(f"{what}: {reg.registry} {reg.label} ({reg.location})")
+            if state.promotion is not None:
+                parts.append(state.promotion.summary())
+            elif state.promote_error:
+                parts.append(f"NOT promoted: {state.promote_error}")
         elif state.register_error:
             parts.append(f"NOT registered: registration failed: {state.register_error}")
         elif state.verdict is not None:
@@ -139,6 +148,16 @@ def junit_properties(state: ImageState | None) -> list[tuple[str, str]]:
     return [("image_sha256", state.image.sha256)]
 
 
+def suite_properties(name: str, state: ImageState) -> list[tuple[str, str]]:
+    """Per-image facts known only once the gate ran, for the JUnit report's suite properties."""
+    props = []
+    if state.verdict is not None:
+        props.append((f"kickgate_verdict[{name}]", state.verdict.reason))
+    if state.package_diff_line:
+        props.append((f"kickgate_package_diff[{name}]", state.package_diff_line))
+    return props
+
+
 def write_artifacts(artifacts_dir: Path, name: str, state: ImageState) -> None:
     """Build record, build serial log and the gate's verdict for one image, for CI to keep."""
     dst = artifacts_dir / name
@@ -152,10 +171,19 @@ def write_artifacts(artifacts_dir: Path, name: str, state: ImageState) -> None:
     summary = {"image": name, "verdict": asdict(state.verdict) if state.verdict else None,
                "specs": state.results.outcomes,
                "registered": asdict(state.registered) if state.registered else None,
-               "register_error": state.register_error,
+               "register_error": state.register_error, "package_diff": state.package_diff_line,
+               "promotion": asdict(state.promotion) if state.promotion else None,
+               "promote_error": state.promote_error,
                "timings": {"image_seconds": img.seconds if img else None,
                            "cached": img.cached if img else None,
                            "boot_to_ssh_seconds": state.boot_seconds, "specs_seconds": state.spec_seconds,
                            "register_seconds": state.register_seconds},
                "sha256": img.sha256 if img else None}
     atomic_write_json(dst / "gate.json", summary)
+    if state.package_diff is not None and state.package_diff_line:
+        against = state.package_diff_line.split(" vs ", 1)[1]
+        atomic_write_text(dst / "package-diff.txt", render_diff(state.package_diff, against) + "\n")
+        atomic_write_json(dst / "package-diff.json", state.package_diff.to_json())
+    inventory = inventory_of(img) if img else None
+    if inventory is not None:
+        atomic_write_text(dst / SBOM_FILE, inventory.sbom())

@@ -53,15 +53,29 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool =
     return result
 
 
+TERM_GRACE_S = 10.0
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> tuple[bytes, bytes]:
-    """Kill the command's whole process group; what it printed so far."""
+    """Stop the command's whole process group: SIGTERM first, so a tool can undo what it set up (mounts),
+    then SIGKILL for whatever is still there. Returns what it printed so far."""
+    out: bytes | None = b""
+    err: bytes | None = b""
+    for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            out, err = proc.communicate(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+        except ValueError:  # the pipes were already read to the end
+            proc.wait(timeout=wait)
+            break
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    try:
-        out, err = proc.communicate(timeout=10)
-    except subprocess.TimeoutExpired:  # a descendant that left the group still holds the pipes
+        os.killpg(proc.pid, signal.SIGKILL)  # descendants that ignored SIGTERM after their leader left
+    if proc.returncode is None:
         proc.wait()
-        return b"", b""
     return out or b"", err or b""
 
 

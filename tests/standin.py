@@ -106,8 +106,8 @@ dd if=/tmp/disk-marker of=/dev/vda conv=notrunc,fsync 2>/dev/null || fail "canno
 echo "stand-in: marker written to /dev/vda"
 
 echo "KICKGATE-PKGS-BEGIN"
-echo "KICKGATE-PKG busybox $(busybox | head -n 1 | cut -d' ' -f2)"
-echo "KICKGATE-PKG stand-in 1.0-1.x86_64"
+echo "KICKGATE-PKG busybox 0:$(busybox | head -n 1 | cut -d' ' -f2 | tr -d v)-1 x86_64 busybox-1-1.src.rpm GPLv2"
+echo "KICKGATE-PKG stand-in 0:1.0-1 x86_64 stand-in-1.0-1.src.rpm MIT"
 echo "KICKGATE-PKGS-END"
 echo "KICKGATE-INSTALL-OK stand-in"
 off

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -13,6 +14,7 @@ import pytest
 from builder import recipe as recipe_module
 from builder.build import BUILD_KEY_NAME, BuildRecord, cache_key, method_code_hash, recipe_hash
 from builder.method import PACKAGE_DIR, get_method
+from builder.packages import Package
 from builder.recipe import Recipe, RecipeBook
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +204,8 @@ RECORD = BuildRecord(
     git_dirty=True, tools=dict(TOOLS), timings={"bootstrap": 12.5, "convert": 3.25}, total_seconds=15.75,
     image_file="generic-dev.qcow2", image_format="qcow2", image_sha256="d" * 64, image_size=123456789,
     virtual_size_mib=3072, serial_log="serial.log", build_mac="52:54:00:ab:cd:ef", domain_type="kvm",
-    packages=(("bash", "5.2.15-2+b2"), ("openssh-server", "1:9.2p1-2+deb12u3")),
+    packages=(Package("deb", "bash", "5.2.15-2+b2", "amd64", "bash", "5.2.15-2", ("GPL-3+",)),
+              Package("deb", "openssh-server", "1:9.2p1-2+deb12u3", "amd64", "openssh", "1:9.2p1-2+deb12u3", None)),
     extra={"location": "https://mirror.example/os/", "note": "héllo ✓ 'quoted'"})
 
 
@@ -211,8 +214,17 @@ def test_build_record_json_round_trip() -> None:
     back = BuildRecord.from_json(text)
     assert back == RECORD
     assert isinstance(back.packages, tuple)
-    assert all(isinstance(p, tuple) and len(p) == 2 for p in back.packages)
+    assert all(isinstance(p, Package) for p in back.packages)
     assert back.to_json() == text
+
+
+def test_a_record_from_before_package_metadata_still_reads() -> None:
+    """Records in existing caches list (name, version) pairs: they read back as packages of the family's kind."""
+    data = json.loads(RECORD.to_json())
+    data["packages"] = [["bash", "5.2.15-2+b2"], ["openssh-server", "1:9.2p1-2+deb12u3"]]
+    back = BuildRecord.from_json(json.dumps(data))
+    assert [(p.kind, p.name, p.version) for p in back.packages] == [
+        ("deb", "bash", "5.2.15-2+b2"), ("deb", "openssh-server", "1:9.2p1-2+deb12u3")]
 
 
 def test_build_record_json_round_trip_no_packages() -> None:

@@ -286,13 +286,33 @@ def test_virt_install_command_iso_uses_cdrom(el9: Recipe, tmp_path: Path) -> Non
 
 def test_parse_packages() -> None:
     serial = "\n".join([
-        "[  1.0] noise", "KICKGATE-PKGS-BEGIN", "KICKGATE-PKG bash 5.1.8-9.el9.x86_64",
-        "[  2.0] kernel: interleaved", "KICKGATE-PKG zlib 1.2.11-40.el9.x86_64\r",
-        "not a package line", "KICKGATE-PKGS-END", "KICKGATE-PKG outside 1",
+        "[  1.0] noise", "KICKGATE-PKGS-BEGIN",
+        "KICKGATE-PKG bash 0:5.1.8-9.el9 x86_64 bash-5.1.8-9.el9.src.rpm GPLv3+",
+        "[  2.0] kernel: interleaved",
+        "KICKGATE-PKG zlib 0:1.2.11-40.el9 x86_64 zlib-1.2.11-40.el9.src.rpm zlib and Boost\r",
+        "not a package line", "KICKGATE-PKGS-END",
+        "KICKGATE-PKG outside 0:1-1 x86_64 outside-1-1.src.rpm MIT",
         f"{MARKERS.ok} x"])
-    assert parse_packages(serial) == (("bash", "5.1.8-9.el9.x86_64"),
-                                      ("zlib", "1.2.11-40.el9.x86_64"))
+    packages = parse_packages(serial)
+    assert [(p.name, p.version, p.arch, p.source, p.licences) for p in packages] == [
+        ("bash", "5.1.8-9.el9", "x86_64", "bash", ("GPLv3+",)),
+        ("zlib", "1.2.11-40.el9", "x86_64", "zlib", ("zlib and Boost",))]
     assert parse_packages("nothing here") == ()
+
+
+def test_the_template_prints_what_parse_packages_reads(el9: Recipe) -> None:
+    """The rendered kickstart's rpm query and the parser agree on the line format."""
+    text = render_kickstart(el9)
+    query = next(line for line in text.splitlines() if "rpm -qa --qf" in line)
+    fmt = shlex.split(query.split("--qf", 1)[1].split("|", 1)[0])[0]
+    # What rpm would print for one package with that format:
+    fields = {"%{NAME}": "bash", "%{EPOCHNUM}": "0", "%{VERSION}": "5.1.8", "%{RELEASE}": "9.el9",
+              "%{ARCH}": "x86_64", "%{SOURCERPM}": "bash-5.1.8-9.el9.src.rpm", "%{LICENSE}": "GPLv3+", "\\n": ""}
+    line = fmt
+    for tag, value in fields.items():
+        line = line.replace(tag, value)
+    serial = f"{MARKERS.pkgs_begin}\n{line}\n{MARKERS.pkgs_end}\n"
+    assert [(p.name, p.version) for p in parse_packages(serial)] == [("bash", "5.1.8-9.el9")]
 
 
 # --------------------------------------------------------------------------- install verdicts
@@ -465,3 +485,23 @@ def test_kickstart_that_keeps_its_copies_is_refused(el9: Recipe, kept: str) -> N
     with pytest.raises(RecipeError) as exc:
         render_kickstart(reload(el9), env={})
     assert kept in str(exc.value) and exc.value.path == str(template)
+
+
+# --------------------------------------------------------------------------- credentials in URLs
+
+
+def test_a_repository_with_credentials_stays_off_the_kernel_command_line(el9: Recipe) -> None:
+    from builder.installsource import mask_url
+    from builder.methods.kickstart import url_command
+
+    repo = "https://builder:s3cret-pw@mirror.example/rocky/9/BaseOS/x86_64/os/"
+    args = " ".join(kernel_args(el9, repo))
+    assert "s3cret-pw" not in args and "inst.repo=" not in args
+    assert "inst.repo=https://mirror.example/os/" in " ".join(kernel_args(el9, "https://mirror.example/os/"))
+    # The installer gets it from the injected kickstart instead, which pykickstart still accepts.
+    text = url_command(repo) + render_kickstart(el9)
+    handler = makeVersion(el9.kickstart.version)  # type: ignore[union-attr]
+    KickstartParser(handler).readKickstartFromString(text)
+    assert handler.url.url == repo
+    assert mask_url(repo) == "https://***@mirror.example/rocky/9/BaseOS/x86_64/os/"
+    assert mask_url("https://mirror.example/os/") == "https://mirror.example/os/"

@@ -290,8 +290,11 @@ def test_list_get_record(root: Path, make_reg: MakeReg) -> None:
         registry.get("nothere")
     with pytest.raises(RegistryError, match="web has no version 7; versions: 1, 2"):
         registry.get("web", "7")
-    with pytest.raises(RegistryError, match="web has no version v1; versions: 1, 2"):
-        registry.get("web", "v1")
+    assert registry.get("web", "v1") == listed[1]  # vN reads the same in every registry
+    with pytest.raises(RegistryError, match="web@x1: VERSION must be latest, promoted, a version number"):
+        registry.get("web", "x1")
+    with pytest.raises(RegistryError, match="image IDs are OpenNebula's"):
+        registry.get("web", "id:1")
 
 
 def test_corrupt_record(root: Path, make_reg: MakeReg, caplog: pytest.LogCaptureFixture) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,11 @@ import pyone
 import pytest
 
 from builder.errors import RegistryError
-from builder.registry.base import Registration
+from builder.gate import SpecResults
+from builder.pipeline import ImageState, ImageUnderTest
+from builder.recipe import RecipeBook
+from builder.registration import register_image
+from builder.registry.base import Registered, Registration
 from builder.registry.opennebula import (
     OpenNebulaConfig,
     OpenNebulaRegistry,
@@ -103,6 +108,12 @@ def make_reg(tmp_path: Path) -> MakeReg:
     return make
 
 
+def iid(entry: Registered) -> int:
+    """The OpenNebula image ID of a registration."""
+    assert entry.image_id is not None
+    return entry.image_id
+
+
 def images_named(sim: OneSim, name: str) -> list[int]:
     return [i.id for i in sim.find_images(name) if i.state != DELETE]
 
@@ -118,7 +129,7 @@ def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: M
     out = registry.register(reg)
     assert (out.registry, out.name, out.sha256, out.reused) == ("opennebula", reg.name,
                                                                reg.sha256, False)
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.state == READY and img.name == reg.name
     assert out.location == f"{sim.endpoint}#image/{img.id}"
     t = dict(img.template)  # type: ignore[arg-type]
@@ -134,18 +145,20 @@ def test_register_success(sim: OneSim, registry: OpenNebulaRegistry, make_reg: M
     assert img.type == 0 and img.format == "qcow2"
     assert img.size_mb == VIRTUAL_MB  # oned's SIZE: the virtual size, not the file's bytes
     assert img.perms[3] == 1 and img.perms[6] == 1  # PUBLIC: group and other USE
-    published = publish_dir / f"{reg.name}-{reg.sha256[:12]}.qcow2"
-    assert published.read_bytes() == reg.image_path.read_bytes()
-    assert img.path == str(published)
+    # oned copied the published file into its datastore (SOURCE) while LOCKED; after READY the
+    # published copy is gone
+    published = Path(img.path)
+    assert published.parent == publish_dir and published.name.startswith(f"{reg.name}-{reg.sha256[:12]}-")
+    assert not published.exists() and list(publish_dir.iterdir()) == []
     assert Path(img.source).read_bytes() == reg.image_path.read_bytes()
-    assert not [p for p in publish_dir.iterdir() if p.name.endswith(".part")]
+    assert out.label == f"image {img.id}, {reg.name}" and out.version == "1"
     assert out.attributes["STATE"] == "READY" and out.attributes["SHA256"] == reg.sha256
 
 
 def test_private_image_keeps_default_permissions(sim: OneSim, registry: OpenNebulaRegistry,
                                                  make_reg: MakeReg) -> None:
     out = registry.register(make_reg(public=False))
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.perms == [1, 1, 0, 0, 0, 0, 0, 0, 0]
     assert not any(m == "one.image.chmod" for m, _ in sim.calls)
 
@@ -155,16 +168,16 @@ def test_rerun_reuses_the_image(sim: OneSim, registry: OpenNebulaRegistry,
     reg = make_reg()
     first = registry.register(reg)
     second = registry.register(reg)
-    assert second.reused and second.version == first.version
+    assert second.reused and iid(second) == iid(first)
     assert allocations(sim) == 1
-    assert images_named(sim, reg.name) == [int(first.version)]
+    assert images_named(sim, reg.name) == [iid(first)]
 
 
 def test_awkward_values_survive_oned_template_syntax(sim: OneSim, registry: OpenNebulaRegistry,
                                                      make_reg: MakeReg) -> None:
     desc = 'says "hi" in C:\\temp\\ and \\"quoted\\"; Source: x, GitRev: y'
     out = registry.register(make_reg(description=desc, extra=(("NOTE", "ends with \\"),)))
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None
     assert img.tget("DESCRIPTION") == desc
     assert img.tget("NOTE") == "ends with \\"
@@ -193,8 +206,8 @@ def test_name_policy_version(sim: OneSim, registry: OpenNebulaRegistry, make_reg
     third = registry.register(make_reg())
     assert third.name == "debian12-node-v3"
     again = registry.register(second_reg)  # same bytes as v2: reused, not v4
-    assert again.reused and again.version == second.version
-    assert images_named(sim, "debian12-node") == [int(first.version)]
+    assert again.reused and iid(again) == iid(second)
+    assert images_named(sim, "debian12-node") == [iid(first)]
     assert allocations(sim) == 3
 
 
@@ -219,11 +232,11 @@ def test_name_policy_replace(sim: OneSim, make_config: Callable[..., OpenNebulaC
     old = registry.register(make_reg())
     new_reg = make_reg()
     new = registry.register(new_reg)
-    assert new.name == "debian12-node" and new.version != old.version and not new.reused
+    assert new.name == "debian12-node" and iid(new) != iid(old) and not new.reused
     assert new.sha256 == new_reg.sha256
-    assert sim.wait_for(lambda: sim.image(int(old.version)) is None)
+    assert sim.wait_for(lambda: sim.image(iid(old)) is None)
     live = [i for i in sim.find_images() if i.state != DELETE]
-    assert [(i.id, i.name) for i in live] == [(int(new.version), "debian12-node")]
+    assert [(i.id, i.name) for i in live] == [(iid(new), "debian12-node")]
     assert registry.register(new_reg).reused
 
 
@@ -234,11 +247,11 @@ def test_name_policy_replace_keeps_an_old_image_in_use(
     old = registry.register(make_reg())
     # a running VM uses it: oned refuses the delete
     pyone.OneServer(sim.endpoint, session=SESSION).vm.allocate(
-        f'NAME="user"\nDISK=[IMAGE_ID="{old.version}"]', False)
+        f'NAME="user"\nDISK=[IMAGE_ID="{iid(old)}"]', False)
     new = registry.register(make_reg())
     assert new.name == "debian12-node"
-    parked = sim.image(int(old.version))
-    assert parked is not None and parked.name == f"debian12-node-replaced-{old.version}"
+    parked = sim.image(iid(old))
+    assert parked is not None and parked.name == f"debian12-node-replaced-{iid(old)}"
     assert "could not be deleted" in caplog.text
 
 
@@ -300,7 +313,7 @@ def test_leftover_error_image_with_same_bytes_is_replaced(
                               f'SHA256="{reg.sha256}"\nKICKGATE_VERSION="0.1.0"', 100)
     assert sim.wait_for(lambda: (img := sim.image(left)) is not None and img.state == ERROR)
     out = registry.register(reg)
-    assert out.name == reg.name and int(out.version) != left and not out.reused
+    assert out.name == reg.name and iid(out) != left and not out.reused
     assert sim.image(left) is None
 
 
@@ -360,7 +373,7 @@ def test_authorization_error_on_allocate(sim: OneSim, registry: OpenNebulaRegist
 def test_datastore_by_id(sim: OneSim, make_config: Callable[..., OpenNebulaConfig],
                          make_reg: MakeReg) -> None:
     out = OpenNebulaRegistry(make_config(datastore="1")).register(make_reg())
-    img = sim.image(int(out.version))
+    img = sim.image(iid(out))
     assert img is not None and img.ds_id == 1
 
 
@@ -452,7 +465,7 @@ def test_list_shows_only_kickgate_images(sim: OneSim, registry: OpenNebulaRegist
                                                                 out.sha256)]
     entry = listed[0]
     assert entry.registry == "opennebula"
-    assert entry.location == f"{sim.endpoint}#image/{out.version}"
+    assert entry.location == f"{sim.endpoint}#image/{iid(out)}"
     assert entry.attributes["STATE"] == "READY" and entry.attributes["KICKGATE_VERSION"] == "0.1.0"
 
 
@@ -539,3 +552,88 @@ def test_invalid_attribute_key_is_refused_before_publishing(
     with pytest.raises(RegistryError, match="'BAD KEY' of debian12-node is not a valid"):
         registry.register(make_reg(extra=(("BAD KEY", "x"),)))
     assert allocations(sim) == 0 and not publish_dir.exists()
+
+
+# --- trust ------------------------------------------------------------------------------------------
+def test_publish_dir_is_created_0755(registry: OpenNebulaRegistry, make_reg: MakeReg, publish_dir: Path) -> None:
+    old = os.umask(0o077)  # whatever the caller's umask, oned's user must be able to enter it
+    try:
+        registry.register(make_reg())
+    finally:
+        os.umask(old)
+    assert publish_dir.is_dir() and stat.S_IMODE(publish_dir.stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("setup", ["foreign owner", "group writable", "world writable", "foreign symlink"])
+def test_untrusted_publish_dir_is_refused(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                                          publish_dir: Path, tmp_path: Path, setup: str) -> None:
+    if setup == "foreign symlink":
+        real = tmp_path / "real"
+        real.mkdir(mode=0o755)
+        publish_dir.symlink_to(real)
+        os.lchown(publish_dir, 4242, 4242)
+    else:
+        publish_dir.mkdir()
+        os.chmod(publish_dir, {"group writable": 0o775, "world writable": 0o777}.get(setup, 0o755))
+        if setup == "foreign owner":
+            os.chown(publish_dir, 4242, 4242)
+    with pytest.raises(RegistryError) as e:
+        registry.register(make_reg())
+    msg = str(e.value)
+    assert msg.startswith(f"OpenNebula publish dir {publish_dir} ") and "\n" not in msg
+    expected = {"foreign owner": "belongs to uid 4242", "group writable": "writable by its group or others (mode 0775)",
+                "world writable": "chmod go-w", "foreign symlink": "symbolic link owned by uid 4242"}[setup]
+    assert expected in msg and f"chown {os.geteuid()} {publish_dir}" in msg
+    assert allocations(sim) == 0
+    assert list(publish_dir.iterdir()) == []  # nothing published
+
+
+@pytest.fixture
+def mate_image(sim: OneSim, make_reg: MakeReg, publish_dir: Path) -> int:
+    """An image a member of kick's group registered, carrying kickgate's attributes."""
+    sim.add_user(SimUser("mate", "mate-pw", 3, 1, "users"))
+    publish_dir.mkdir(mode=0o755, exist_ok=True)
+    reg = make_reg(name="debian12-node")
+    path = publish_dir / "mate.qcow2"
+    path.write_bytes(reg.image_path.read_bytes())
+    mate = pyone.OneServer(sim.endpoint, session="mate:mate-pw")
+    image_id = int(mate.image.allocate(f'NAME="debian12-node"\nPATH="{path}"\nSHA256="{reg.sha256}"\n'
+                                       'KICKGATE_VERSION="0.1.0"\nKICKGATE_IMAGE="debian12-node"', 1))
+    mate.image.chmod(image_id, -1, -1, -1, 1, -1, -1, -1, -1, -1)  # group may use it
+    assert sim.wait_for(lambda: (img := sim.image(image_id)) is not None and img.state == READY)
+    return image_id
+
+
+def test_only_the_trusted_owners_images_are_listed(sim: OneSim, registry: OpenNebulaRegistry, make_reg: MakeReg,
+                                                   mate_image: int, make_config: Callable[..., OpenNebulaConfig]
+                                                   ) -> None:
+    with pytest.raises(RegistryError, match=r"no image debian12-node registered by kickgate .* owned by kick"):
+        registry.get("debian12-node")
+    assert registry.list() == []
+    mine = registry.register(make_reg())
+    assert mine.name == "debian12-node" and iid(mine) != mate_image  # names are unique per owner only
+    assert [iid(e) for e in registry.list()] == [iid(mine)]
+    assert iid(registry.get("debian12-node")) == iid(mine)
+    # --one-owner: trust that user's images instead
+    theirs = OpenNebulaRegistry(make_config(owner="mate"))
+    assert [iid(e) for e in theirs.list()] == [mate_image]
+    assert iid(theirs.get("debian12-node")) == mate_image
+    assert [iid(e) for e in OpenNebulaRegistry(make_config(owner="3")).list()] == [mate_image]
+
+
+def test_prebuilt_image_registers_without_a_gitrev(sim: OneSim, registry: OpenNebulaRegistry, repo_root: Path,
+                                                   tmp_path: Path) -> None:
+    path = tmp_path / "from-elsewhere.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True, timeout=30)
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    image = ImageUnderTest(name="generic-dev", recipe=RecipeBook(repo_root).load("generic-dev"), path=path,
+                           format="qcow2", sha256=sha, size=path.stat().st_size, record=None, artifact=None,
+                           cached=True, seconds=0.0)
+    results = SpecResults({"specs/test_swap.py::test_no_swap[generic-dev]": "passed"})
+    out = register_image(ImageState(image=image, results=results), registry)
+    img = sim.image(iid(out))
+    assert img is not None
+    assert img.tget("DESCRIPTION") == "generic-dev image. Source: prebuilt from-elsewhere.qcow2"
+    assert img.tget("KICKGATE_SOURCE") == "prebuilt from-elsewhere.qcow2"
+    assert img.tget("GITREV") is None and "GitRev" not in (img.tget("DESCRIPTION") or "")
+    assert img.tget("BUILD_ID") == f"prebuilt-{sha[:12]}"

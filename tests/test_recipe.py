@@ -449,3 +449,31 @@ def test_bootstrap_vars_reach_scripts_as_data(tmp_path: Path, template: str) -> 
                          capture_output=True, text=True, timeout=10, check=True).stdout
     assert out == value
     assert not pwned.exists()
+
+
+# --------------------------------------------------------------------------- [verify]
+
+
+def test_verify_instances_are_isolated_unless_the_recipe_asks(tmp_path: Path) -> None:
+    make_tree(tmp_path, BASE)
+    assert RecipeBook(tmp_path).load("demo").verify.network == "isolated"
+    make_tree(tmp_path / "out", BASE + '\n[verify]\nnetwork = "outbound"\nreason = "specs fetch a CA bundle"\n')
+    verify = RecipeBook(tmp_path / "out").load("demo").verify
+    assert (verify.network, verify.reason) == ("outbound", "specs fetch a CA bundle")
+
+
+def test_outbound_access_needs_a_reason(tmp_path: Path) -> None:
+    text = BASE + '\n[verify]\nnetwork = "outbound"\n'
+    exc, path = load_error(tmp_path, text)
+    assert exc.path == str(path) and "verify" in exc.where and "reason" in exc.problem + exc.hint
+    exc, _ = load_error(tmp_path / "bad", BASE + '\n[verify]\nnetwork = "open"\n')
+    assert "must be 'isolated' or 'outbound'" in exc.problem and str(line_of(BASE + '\n[verify]\nnetwork = "open"\n',
+                                                                          "network =")) in exc.where
+
+
+def test_verify_settings_do_not_change_the_cache_key(tmp_path: Path) -> None:
+    from builder.build import recipe_hash
+
+    make_tree(tmp_path, BASE)
+    make_tree(tmp_path / "out", BASE + '\n[verify]\nnetwork = "outbound"\nreason = "why"\n')
+    assert recipe_hash(RecipeBook(tmp_path).load("demo")) == recipe_hash(RecipeBook(tmp_path / "out").load("demo"))

@@ -25,11 +25,13 @@ from builder.domain import Disk, DomainSpec, Nic, random_mac
 from builder.domainrun import DomainJob, run_domain
 from builder.errors import BuildError
 from builder.method import BuildContext, Method, MethodResult
+from builder.packages import read_dpkg
 from builder.recipe import Recipe
 from builder.run import run
 
 log = logging.getLogger(__name__)
 
+PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
 FINISH_OK = "KICKGATE-FINISH-OK"
 FINISH_FAILED = "KICKGATE-FINISH-FAILED"
 STEP_BEGIN = "KICKGATE-STEP-BEGIN"
@@ -60,7 +62,7 @@ def build(ctx: BuildContext) -> MethodResult:
     with ctx.stages("mmdebstrap"):
         cached_tree(ctx, tree)
     with ctx.stages("configure"):
-        packages = installed_packages(tree)
+        packages = read_dpkg(tree / "var/lib/dpkg", root=tree)
         kernel, initrd = configure_tree(recipe, tree, root_uuid)
         boot_dir = ctx.workdir / "boot"
         boot_dir.mkdir()
@@ -99,7 +101,10 @@ def cached_tree(ctx: BuildContext, tree: Path) -> None:
             runstamp.stamp(staging)
             try:
                 shutil.rmtree(final, ignore_errors=True)
-                run(mmdebstrap_argv(ctx.recipe, staging / "tree"), timeout=ctx.recipe.vm.build_timeout_s)
+                # A private mount namespace: the /dev, /proc and /sys mounts mmdebstrap makes in the tree
+                # vanish with it even if it is killed, and never appear in the host's mount table.
+                run([*PRIVATE_MOUNTS, *mmdebstrap_argv(ctx.recipe, staging / "tree")],
+                    timeout=ctx.recipe.vm.build_timeout_s)
                 (staging / "tree" / ".complete").touch()
                 os.replace(staging / "tree", final)
             finally:
@@ -130,13 +135,6 @@ def mmdebstrap_argv(recipe: Recipe, tree: Path) -> list[str]:
                     f" && printf '{mods}' > \"$1/etc/initramfs-tools/modules\"")
     argv += [spec.suite, str(tree), spec.mirror]
     return argv
-
-
-def installed_packages(tree: Path) -> tuple[tuple[str, str], ...]:
-    out = run(["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\n"],
-              timeout=60).stdout
-    pairs = [tuple(line.split("\t", 1)) for line in out.splitlines() if "\t" in line]
-    return tuple(sorted((p[0], p[1]) for p in pairs))
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:

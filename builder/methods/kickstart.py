@@ -20,7 +20,8 @@ console output nor disk writes) or a power-off without the marker all end the bu
 BuildError that carries the reason and the last 40 serial lines. The domain is destroyed on
 every path, Ctrl-C included.
 
-Installed packages: the template's last %post prints ``KICKGATE-PKG <name> <version>`` lines
+Installed packages: the template's last %post prints ``KICKGATE-PKG`` lines in the format of
+``builder.packages.rpm_query_format`` (name, epoch:version-release, arch, source rpm, licence)
 between ``KICKGATE-PKGS-BEGIN`` and ``KICKGATE-PKGS-END``; they become the build record's
 package list.
 """
@@ -31,6 +32,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import shlex
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +49,13 @@ from builder.installsource import (
     classify,
     fetch_for_recipe,
     guest_url,
+    has_credentials,
+    mask_url,
     repo_in_args,
     serve_tree,
 )
 from builder.method import BuildContext, Method, MethodResult
+from builder.packages import Package, parse_rpm_lines
 from builder.recipe import Recipe
 from builder.render import MARKERS, mask_secrets, render_kickstart
 
@@ -77,7 +82,6 @@ _PROGRESS_RE = re.compile(
     r"Setting up the installation environment|Installation complete|Running in cmdline mode|"
     r"Installing \S+ \(\d+/\d+\))")
 _PKG_PROGRESS_RE = re.compile(r"Installing \S+ \((\d+)/(\d+)\)")
-_PKG_LINE_RE = re.compile(rf"^{re.escape(MARKERS.pkg)}\s+(\S+)\s+(\S+)\s*$")
 
 
 # --------------------------------------------------------------------------- command lines
@@ -88,10 +92,18 @@ def kernel_args(recipe: Recipe, repo: str | None, ks_name: str = KS_NAME) -> lis
     assert recipe.kickstart is not None
     extra = list(recipe.kickstart.extra_args)
     args = [f"inst.ks=file:/{ks_name}"]
-    if repo and repo_in_args(extra) is None:
+    # A repository URL with credentials goes into the injected kickstart (url_command), never onto
+    # the kernel command line, which QEMU's command line and the domain XML show to every local user.
+    if repo and repo_in_args(extra) is None and not has_credentials(repo):
         args.append(f"inst.repo={repo}")
     args += ["inst.text", "console=ttyS0,115200", "inst.cmdline", *extra]
     return args
+
+
+def url_command(repo: str) -> str:
+    """The kickstart's own `url` command for a repository that needs credentials (kept off the kernel
+    command line; the injected kickstart lives only in the private, 0600 initrd copy)."""
+    return f"url --url={shlex.quote(repo)}\n"
 
 
 def os_variant(recipe: Recipe) -> str:
@@ -165,7 +177,7 @@ def build(ctx: BuildContext) -> MethodResult:
 
     with ctx.stages("fetch-installer"):
         source = fetch_for_recipe(recipe, ctx.options.cache_dir, ctx.options.location)
-        log.info("%s: installer from %s (%s%s)", recipe.name, source.location, source.kind,
+        log.info("%s: installer from %s (%s%s)", recipe.name, mask_url(source.location), source.kind,
                  f", {source.product}" if source.product else "")
 
     with ctx.stages("render"):
@@ -175,6 +187,9 @@ def build(ctx: BuildContext) -> MethodResult:
 
     with ctx.stages("inject"):
         initrd = ctx.workdir / "initrd.img"
+        repo_hint = repo_in_args(list(recipe.kickstart.extra_args)) or source.repo_arg or ""
+        if has_credentials(repo_hint):
+            kickstart = url_command(repo_hint) + kickstart
         offset = inject_kickstart(source.initrd, initrd, kickstart, KS_NAME)
         log.debug("%s: /%s appended to the initrd at offset %d", recipe.name, KS_NAME, offset)
 
@@ -188,7 +203,7 @@ def build(ctx: BuildContext) -> MethodResult:
             cmdline = " ".join(kernel_args(recipe, repo))
             log.info("%s: installing (%s, %d MiB, %d vCPU): %s", recipe.name,
                      "KVM" if domain_type == "kvm" else "TCG", recipe.vm.memory_mib,
-                     recipe.vm.vcpus, cmdline)
+                     recipe.vm.vcpus, mask_url(cmdline))
             disks = [Disk(disk, "raw", cache="unsafe")]
             if source.iso is not None:
                 disks.append(Disk(source.iso, "raw", device="cdrom", readonly=True))
@@ -199,14 +214,14 @@ def build(ctx: BuildContext) -> MethodResult:
                 kernel=source.kernel, initrd=initrd, cmdline=cmdline, nic=Nic(mac=mac),
                 on_poweroff="destroy", on_reboot="destroy", on_crash="destroy")
             _run_install(ctx, spec)
-        packages = parse_packages(read_serial(ctx.serial_log))
+        packages = parse_packages(read_serial(ctx.serial_log), str(ctx.serial_log))
 
     extra = {
-        "location": source.location,
+        "location": mask_url(source.location),
         "install_source": source.kind,
         "installer_kernel_sha256": source.kernel_sha256,
         "installer_initrd_sha256": source.initrd_sha256,
-        "inst_repo": repo or "",
+        "inst_repo": mask_url(repo or ""),
         "kickstart_sha256": hashlib.sha256(masked.encode()).hexdigest(),
         "kickstart_version": recipe.kickstart.version,
     }
@@ -266,23 +281,19 @@ def judge_outcome(ctx: BuildContext, outcome: Outcome, w: Watch) -> None:
     judge(ctx, INSTALL_JOB, outcome, w)
 
 
-def parse_packages(serial_text: str) -> tuple[tuple[str, str], ...]:
-    """(name, version) pairs the last %post printed between the package markers, sorted."""
-    found: set[tuple[str, str]] = set()
+def parse_packages(serial_text: str, origin: str = "serial log") -> tuple[Package, ...]:
+    """The packages the last %post listed between the package markers (only the last complete listing)."""
+    listing: list[str] = []
     inside = False
     for line in serial_text.splitlines():
         text = line.strip()
         if text == MARKERS.pkgs_begin:
-            inside, found = True, set()  # only the last complete listing counts
-            continue
-        if text == MARKERS.pkgs_end:
+            inside, listing = True, []
+        elif text == MARKERS.pkgs_end:
             inside = False
-            continue
-        if inside:
-            m = _PKG_LINE_RE.match(text)
-            if m:
-                found.add((m.group(1), m.group(2)))
-    return tuple(sorted(found))
+        elif inside:
+            listing.append(text)
+    return parse_rpm_lines(listing, marker=MARKERS.pkg, origin=origin)
 
 
 METHOD = Method(name="kickstart", build=build, code=("render.py", "initrd.py", "installsource.py"), tools=(),

@@ -12,7 +12,8 @@ def open_registry(options: RegistryOptions) -> Registry:
 
         one = options.one
         cfg = OpenNebulaConfig.from_env(endpoint=one.endpoint, auth_file=one.auth_file, datastore=one.datastore,
-                                        publish_dir=one.publish_dir, name_policy=one.name_policy)
+                                        publish_dir=one.publish_dir, name_policy=one.name_policy,
+                                        owner=one.owner)
         return OpenNebulaRegistry(cfg)
     from builder.registry.local import LocalRegistry, default_registry_dir
 

@@ -8,10 +8,15 @@ Layout::
                                    image, attributes (the full template as ordered [key, value] pairs)
     <root>/<NAME>/2/...
     <root>/<NAME>/latest -> 2      relative symlink to the newest version
+    <root>/<NAME>/promotions.json  promotion history, oldest first: [{"version": 1, "promoted_at": …}, …];
+                                   the last entry is the promoted version, rollback drops it
+    <root>/<NAME>/promoted -> 1    relative symlink to the promoted version
 
 Writers build a version in ``<root>/<NAME>/.tmp-*`` and ``os.rename`` it into place, so a version
 dir either does not exist or is complete; readers take no lock and skip dot-entries. Version
 numbers are allocated under the lock, so concurrent runs (even for the same NAME) never collide.
+Promotion and rollback rewrite promotions.json atomically under the same lock, then swap the
+``promoted`` link like ``latest``; the links are for people and tools, the files are the truth.
 """
 
 from __future__ import annotations
@@ -25,21 +30,33 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
 
-from builder.errors import IntegrityError, RegistryError
-from builder.fsutil import atomic_copy, atomic_write_json, fsync_dir, sha256_file
-from builder.registry.base import Registered, Registration
+from builder.errors import IntegrityError, KickgateError, RegistryError
+from builder.fsutil import (
+    atomic_copy,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_private_dir,
+    fsync_dir,
+    sha256_file,
+)
+from builder.registry.base import PromoteTargets, Promotion, Registered, Registration
+from builder.versions import LATEST as LATEST_REF
+from builder.versions import PROMOTED as PROMOTED_REF
+from builder.versions import parse_version
 
 log = logging.getLogger(__name__)
 
 RECORD = "record.json"
 LATEST = "latest"
+PROMOTED = "promoted"
+PROMOTIONS = "promotions.json"
 LOCK = ".lock"
 TMP_PREFIX = ".tmp-"
 DEFAULT_LOCK_TIMEOUT = 1800.0  # copying a multi-GiB image can take a while; a dead holder frees the lock at once
@@ -98,21 +115,31 @@ class LocalRegistry:
             name_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise RegistryError(f"cannot create registry dir {name_dir}: {e.strerror or e}") from None
+        try:
+            check_private_dir(self.root, "the local registry", "--registry-dir or KICKGATE_REGISTRY_DIR")
+        except KickgateError as e:
+            raise RegistryError(str(e)) from None
+        with self._locked(name_dir, f"registering {reg.name}"):
+            return self._register_locked(reg, sha, name_dir)
+
+    @contextlib.contextmanager
+    def _locked(self, name_dir: Path, doing: str) -> Iterator[None]:
+        """Hold the writers' lock of one name."""
         lock = FileLock(str(name_dir / LOCK))
         try:
             try:
                 lock.acquire(timeout=0)
             except Timeout:
-                log.info("another run is registering %s in %s: waiting for it (up to %.0fs)", reg.name,
-                         self.root, self.lock_timeout)
+                log.info("another run is %s in %s: waiting for it (up to %.0fs)", doing, self.root,
+                         self.lock_timeout)
                 lock.acquire(timeout=self.lock_timeout)
         except Timeout:
             raise RegistryError(f"another run has held the lock {name_dir / LOCK} for {self.lock_timeout:.0f}s "
-                                f"while registering {reg.name}; is a kickgate run stuck?") from None
+                                f"while {doing}; is a kickgate run stuck?") from None
         except OSError as e:
             raise RegistryError(f"cannot lock {name_dir / LOCK}: {e.strerror or e}") from None
         try:
-            return self._register_locked(reg, sha, name_dir)
+            yield
         finally:
             lock.release()
 
@@ -165,6 +192,10 @@ class LocalRegistry:
                 "image": image_name,
                 "attributes": [[k, v] for k, v in reg.attributes],
             }
+            for file_name, data in reg.files:
+                if "/" in file_name or file_name.startswith(".") or file_name in (RECORD, image_name):
+                    raise RegistryError(f"cannot store {file_name!r} beside {reg.name}: not a plain file name")
+                atomic_write_bytes(tmp / file_name, data, mode=file_mode)
             atomic_write_json(tmp / RECORD, record, mode=file_mode)
             os.chmod(tmp, dir_mode)  # mkdtemp makes it 0700
             fsync_dir(tmp)
@@ -195,13 +226,20 @@ class LocalRegistry:
                         entry.unlink()
 
     def _point_latest(self, name_dir: Path, version: int) -> None:
-        """Make ``latest`` a relative symlink to version, replacing the old one atomically."""
-        link = name_dir / LATEST
+        self._point(name_dir, LATEST, version)
+
+    def _point(self, name_dir: Path, which: str, version: int | None) -> None:
+        """Make ``which`` a relative symlink to version (None: remove it), replacing the old one atomically."""
+        link = name_dir / which
+        if version is None:
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            return
         target = str(version)
         with contextlib.suppress(OSError):
             if os.readlink(link) == target:
                 return
-        tmp_link = name_dir / f"{TMP_PREFIX}latest-{uuid.uuid4().hex}"
+        tmp_link = name_dir / f"{TMP_PREFIX}{which}-{uuid.uuid4().hex}"
         try:
             os.symlink(target, tmp_link)
             os.replace(tmp_link, link)
@@ -225,33 +263,45 @@ class LocalRegistry:
         for name_dir in entries:
             if name_dir.name.startswith(".") or not name_dir.is_dir() or not _NAME_RE.fullmatch(name_dir.name):
                 continue
+            promoted = _promoted_version(name_dir)
             for v in _versions(name_dir):
                 try:
                     rec = _read_record(name_dir / str(v) / RECORD, name_dir.name, v)
                 except RegistryError as e:
                     log.warning("skipping %s", e)
                     continue
-                out.append(self._registered(name_dir / str(v), rec, reused=False))
+                out.append(self._registered(name_dir / str(v), rec, reused=False, promoted=v == promoted))
         return out
 
     def get(self, name: str, version: str = "latest") -> Registered:
-        """One version of name ("latest" = the newest). Raises RegistryError if absent or unreadable."""
+        """One version of name: latest (the newest), promoted, or a number (3 or v3).
+
+        Raises RegistryError if absent or unreadable."""
         vdir, rec = self._lookup(name, version)
         image = vdir / rec["image"]
         if not image.is_file():
             raise RegistryError(f"the image file {image} of {name} version {vdir.name} is missing")
-        return self._registered(vdir, rec, reused=False)
+        return self._registered(vdir, rec, reused=False, promoted=rec["version"] == _promoted_version(vdir.parent))
 
     def _lookup(self, name: str, version: str) -> tuple[Path, dict[str, Any]]:
         name_dir = self._name_dir(name)
         versions = _versions(name_dir)
         if not versions:
             raise RegistryError(f"no image {name} in {self.root}")
-        wanted = version.strip()
-        if wanted == LATEST:
+        ref = parse_version(version, name)
+        if ref.kind == LATEST_REF:
             v = max(versions)  # the symlink is for humans; the dirs are the truth
-        elif wanted.isdigit() and int(wanted) in versions:
-            v = int(wanted)
+        elif ref.kind == PROMOTED_REF:
+            promoted = _promoted_version(name_dir)
+            if promoted is None:
+                raise RegistryError(f"no version of {name} has been promoted in {self.root} "
+                                    f"(kickgate promote {name}@VERSION)")
+            v = promoted
+        elif ref.kind == "id":
+            raise RegistryError(f"{name}@{version}: image IDs are OpenNebula's; the local registry numbers versions "
+                                f"(versions of {name}: {', '.join(map(str, versions))})")
+        elif ref.n in versions:
+            v = ref.n
         else:
             raise RegistryError(f"{name} has no version {version}; versions: {', '.join(map(str, versions))}")
         return name_dir / str(v), _read_record(name_dir / str(v) / RECORD, name, v)
@@ -272,10 +322,84 @@ class LocalRegistry:
                                     "register into a registry directory you own (--registry-dir)")
         return path
 
-    def _registered(self, vdir: Path, rec: Mapping[str, Any], reused: bool) -> Registered:
+    def _registered(self, vdir: Path, rec: Mapping[str, Any], reused: bool, promoted: bool = False) -> Registered:
         return Registered(registry=self.kind, name=rec["name"], version=str(rec["version"]),
                           location=str(vdir / rec["image"]), sha256=rec["sha256"], reused=reused,
-                          attributes={k: v for k, v in rec["attributes"]}, details=dict(rec))
+                          attributes={k: v for k, v in rec["attributes"]}, details={**rec, "promoted": promoted},
+                          promoted=promoted)
+
+    # -- promote --------------------------------------------------------------------------------
+    def promote(self, entry: Registered, targets: PromoteTargets) -> Promotion:
+        """Make entry's version the promoted one (the ``promoted`` link), then apply keep. Re-runnable."""
+        name_dir = self._name_dir(entry.name)
+        with self._locked(name_dir, f"promoting {entry.name}"):
+            _, rec = self._lookup(entry.name, entry.version)
+            version = int(rec["version"])
+            history = _read_promotions(name_dir)
+            if not history or history[-1]["version"] != version:
+                history.append({"version": version, "promoted_at": datetime.now(UTC).isoformat(timespec="seconds")})
+                self._write_promotions(name_dir, history)
+            self._point(name_dir, PROMOTED, version)
+            previous = next((h["version"] for h in reversed(history) if h["version"] != version), None)
+            deleted = self._keep(name_dir, entry.name, targets.keep, version) if targets.keep is not None else []
+        promotion = Promotion(registry=self.kind, promoted=f"{entry.name} version {version}",
+                              previous=f"{entry.name} version {previous}" if previous is not None else None,
+                              deleted=tuple(deleted))
+        log.info("%s", promotion.summary())
+        return promotion
+
+    def rollback(self, name: str, targets: PromoteTargets) -> Promotion:
+        """Make the version promoted before the current one the promoted one again."""
+        name_dir = self._name_dir(name)
+        if not name_dir.is_dir():
+            raise RegistryError(f"no image {name} in {self.root}")
+        with self._locked(name_dir, f"rolling back {name}"):
+            history = _read_promotions(name_dir)
+            if not history:
+                raise RegistryError(f"no version of {name} has been promoted in {self.root}: nothing to roll back")
+            current = history[-1]["version"]
+            present = set(_versions(name_dir))
+            earlier = list(history)
+            while earlier and (earlier[-1]["version"] == current or earlier[-1]["version"] not in present):
+                earlier.pop()
+            if not earlier:
+                raise RegistryError(f"{name} version {current} is the only promoted version of {name} still in "
+                                    f"{self.root}: nothing to roll back to")
+            self._write_promotions(name_dir, earlier)
+            target = earlier[-1]["version"]
+            self._point(name_dir, PROMOTED, target)
+        promotion = Promotion(registry=self.kind, promoted=f"{name} version {target}",
+                              previous=f"{name} version {current}")
+        log.info("rolled back: %s", promotion.summary())
+        return promotion
+
+    def _write_promotions(self, name_dir: Path, history: builtins.list[dict[str, Any]]) -> None:
+        try:
+            atomic_write_json(name_dir / PROMOTIONS, history, mode=0o644)
+        except OSError as e:
+            raise RegistryError(f"cannot write {name_dir / PROMOTIONS}: {e.strerror or e}") from None
+
+    def _keep(self, name_dir: Path, name: str, keep: int, promoted: int) -> builtins.list[str]:
+        """Remove versions older than the newest keep ones, never the promoted one (under the lock)."""
+        versions = _versions(name_dir)
+        newest = set(versions[-keep:]) if keep > 0 else set()
+        deleted: builtins.list[str] = []
+        for v in versions:
+            if v in newest or v == promoted:
+                continue
+            # out of readers' sight first (they skip dot-entries), then removed
+            doomed = name_dir / f"{TMP_PREFIX}deleted-{v}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(name_dir / str(v), doomed)
+            except OSError as e:
+                log.warning("could not remove %s version %d: %s", name, v, e.strerror or e)
+                continue
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(f"{name} version {v}")
+            log.info("deleted %s version %d (keep = %d)", name, v, keep)
+        if deleted:
+            fsync_dir(name_dir)
+        return deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +417,30 @@ def _versions(name_dir: Path) -> list[int]:
     return sorted(int(e.name) for e in entries
                   if e.name.isascii() and e.name.isdigit() and e.name == str(int(e.name))
                   and not e.is_symlink() and e.is_dir())
+
+
+def _read_promotions(name_dir: Path) -> list[dict[str, Any]]:
+    """The promotion history of a name, oldest first; entries that are not {"version": int, …} are dropped."""
+    path = name_dir / PROMOTIONS
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RegistryError(f"cannot read the promotion history {path}: {e}; fix or remove it "
+                            "(then promote again)") from None
+    if not isinstance(data, list):
+        raise RegistryError(f"{path} is not a list of promotions; fix or remove it (then promote again)")
+    return [h for h in data if isinstance(h, dict) and type(h.get("version")) is int]
+
+
+def _promoted_version(name_dir: Path) -> int | None:
+    try:
+        history = _read_promotions(name_dir)
+    except RegistryError as e:
+        log.warning("%s", e)
+        return None
+    return history[-1]["version"] if history else None
 
 
 def _read_record(path: Path, name: str, version: int) -> dict[str, Any]:

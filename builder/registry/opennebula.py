@@ -17,21 +17,35 @@ What oned does with an image template (see docs/opennebula.md and oned's Image::
 - Visibility is not a template key: PUBLIC=YES becomes ``one.image.chmod`` with GROUP_U and
   OTHER_U set.
 
+Trust: the publish directory must belong to this user or root and be writable by nobody else
+(between kickgate's checksum and oned's copy nobody else may swap the bytes); kickgate creates it
+0755. The published copy is removed once oned reports READY (oned then works from its own SOURCE)
+and on every failure path. Listings, lookups and promotions consider only images owned by the
+authenticated user (or the owner named by ``--one-owner``): an image of another member of the
+group carrying KICKGATE_VERSION is not kickgate's to trust.
+
+Versions: a new version of NAME is registered as NAME-v2, NAME-v3… (name policy ``version``) and
+carries ``KICKGATE_IMAGE = NAME``, so it stays in NAME's family whatever it is renamed to.
+Promotion to VM templates lives in ``registry/onepromote.py``.
+
 Credentials are wrapped in :class:`Secret` and scrubbed from every message this module produces,
 including the text of pyone/xmlrpc/socket exceptions it wraps.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import os
 import re
 import stat
 import time
+import uuid
 import xmlrpc.client
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -44,7 +58,9 @@ from pyone.server_xrpc import RequestsTransport
 
 from builder.errors import IntegrityError, RegistryError
 from builder.fsutil import atomic_copy
-from builder.registry.base import Registered, Registration
+from builder.registry import onepromote
+from builder.registry.base import PromoteTargets, Promotion, Registered, Registration, TemplateChange
+from builder.versions import LATEST, PROMOTED, one_base, one_name, one_version, parse_version
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +75,7 @@ STATE_NAMES = {0: "INIT", 1: "READY", 2: "USED", 3: "DISABLED", 4: "LOCKED", 5: 
                10: "LOCKED_USED_PERS"}
 _PENDING = {0, 4}  # INIT, LOCKED: the datastore is still copying
 _AVAILABLE = {1, 2, 8}  # READY, and READY but in use by VMs
+_IN_USE = {2, 8, 9, 10}  # USED, USED_PERS, LOCKED_USED, LOCKED_USED_PERS: oned refuses to delete or disable
 # Datastore types and states
 
 # Template keys oned takes out of TEMPLATE (Image::insert); provenance keys colliding with them
@@ -168,6 +185,7 @@ class OpenNebulaConfig:
     datastore: str | int = "default"
     publish_dir: Path = DEFAULT_PUBLISH_DIR
     name_policy: NamePolicy = "version"
+    owner: str | None = None  # whose images to trust (name or UID); None: the authenticated user
     ready_timeout: float = 600.0
     poll_interval: float = 1.0
     request_timeout: float = 60.0
@@ -200,6 +218,10 @@ class OpenNebulaConfig:
     def display_endpoint(self) -> str:
         return _display_endpoint(self.endpoint)
 
+    @property
+    def trusted_owner(self) -> str:
+        return self.owner or self.user
+
     @classmethod
     def from_env(
         cls,
@@ -210,6 +232,7 @@ class OpenNebulaConfig:
         *,
         auth_file: str | os.PathLike[str] | None = None,
         name_policy: str | None = None,
+        owner: str | None = None,
         ready_timeout: float | None = None,
         poll_interval: float | None = None,
         request_timeout: float | None = None,
@@ -253,6 +276,7 @@ class OpenNebulaConfig:
             datastore=ds,
             publish_dir=Path(publish_dir) if publish_dir is not None else DEFAULT_PUBLISH_DIR,
             name_policy=cast(NamePolicy, policy),
+            owner=owner.strip() if owner and owner.strip() else None,
             ready_timeout=600.0 if ready_timeout is None else ready_timeout,
             poll_interval=1.0 if poll_interval is None else poll_interval,
             request_timeout=60.0 if request_timeout is None else request_timeout,
@@ -288,6 +312,7 @@ def template_items(reg: Registration, name: str, path: Path) -> list[tuple[str, 
         ("FORMAT", reg.format),
         ("DEV_PREFIX", reg.attr("DEV_PREFIX") or "vd"),
         ("DESCRIPTION", reg.attr("DESCRIPTION")),
+        ("KICKGATE_IMAGE", reg.name),  # the family, whatever NAME-vN or parked name the image gets
     ]
     seen = {k for k, _ in items}
     sha_added = False
@@ -317,9 +342,49 @@ def template_items(reg: Registration, name: str, path: Path) -> list[tuple[str, 
 
 
 def _publish_filename(name: str, sha256: str, fmt: str) -> str:
+    """Unique per registration: a concurrent run failing must never remove the file oned is copying for another."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "image"
     ext = re.sub(r"[^A-Za-z0-9]", "", fmt) or "img"
-    return f"{safe}-{sha256[:12]}.{ext}"
+    return f"{safe}-{sha256[:12]}-{uuid.uuid4().hex[:8]}.{ext}"
+
+
+def check_publish_dir(pdir: Path) -> None:
+    """Create pdir 0755, or make sure nobody but this user or root can change what is published in it.
+
+    Between kickgate's checksum of the published copy and oned's copy into the datastore, anyone
+    who can write the directory could swap the bytes oned registers.
+    """
+    me = os.geteuid()
+    fix = (f"use a directory owned by this user (uid {me}) or root with mode 0755 "
+           f"(chown {me} {pdir} && chmod 755 {pdir}), or let kickgate create it by naming a new one "
+           "with --one-publish-dir")
+    try:
+        pdir.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(pdir, 0o755)
+        os.chmod(pdir, 0o755)  # mkdir's mode is filtered by the umask
+        log.info("created the OpenNebula publish dir %s (0755)", pdir)
+        return
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RegistryError(f"cannot create the OpenNebula publish dir {pdir}: {e.strerror or e}") from None
+    try:
+        link = os.lstat(pdir)
+        st = os.stat(pdir)
+    except OSError as e:
+        raise RegistryError(f"cannot check the OpenNebula publish dir {pdir}: {e.strerror or e}") from None
+    if stat.S_ISLNK(link.st_mode) and link.st_uid not in (0, me):
+        raise RegistryError(f"OpenNebula publish dir {pdir} is a symbolic link owned by uid {link.st_uid}, "
+                            f"who could point it elsewhere: {fix}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"OpenNebula publish dir {pdir} is not a directory: {fix}")
+    if st.st_uid not in (0, me):
+        raise RegistryError(f"OpenNebula publish dir {pdir} belongs to uid {st.st_uid}, not to this user or "
+                            f"root: its owner could swap an image between kickgate's checksum and oned's copy; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RegistryError(f"OpenNebula publish dir {pdir} is writable by its group or others "
+                            f"(mode {stat.S_IMODE(st.st_mode):04o}): anyone who can write it could swap an image "
+                            f"between kickgate's checksum and oned's copy; chmod go-w {pdir}, or {fix}")
 
 
 def _restricted(path: Path, template: Mapping[str, str]) -> bool | None:
@@ -378,6 +443,7 @@ class _Image:
     name: str
     state: int
     uid: int
+    uname: str
     datastore: str
     datastore_id: int
     format: str
@@ -392,6 +458,19 @@ class _Image:
     @property
     def sha256(self) -> str:
         return self.template.get("SHA256", "")
+
+    @property
+    def family(self) -> str:
+        """The kickgate image NAME this image is a version of."""
+        return self.template.get("KICKGATE_IMAGE") or one_base(self.name)
+
+    @property
+    def version(self) -> int | None:
+        return one_version(self.name, self.family)
+
+    @property
+    def label(self) -> str:
+        return f"image {self.id}, {self.name}"
 
 
 def _template_dict(raw: Any) -> dict[str, str]:
@@ -414,7 +493,8 @@ def _to_image(obj: Any) -> _Image:
         "OTHER_U", "OTHER_M", "OTHER_A")) if p is not None else (0,) * 9
     return _Image(
         id=int(obj.ID), name=str(obj.NAME or ""), state=int(obj.STATE or 0),
-        uid=int(obj.UID if obj.UID is not None else -1), datastore=str(obj.DATASTORE or ""),
+        uid=int(obj.UID if obj.UID is not None else -1), uname=str(obj.UNAME or ""),
+        datastore=str(obj.DATASTORE or ""),
         datastore_id=int(obj.DATASTORE_ID if obj.DATASTORE_ID is not None else -1),
         format=str(obj.FORMAT or ""), running_vms=int(obj.RUNNING_VMS or 0), perms=perms,
         template=_template_dict(obj.TEMPLATE),
@@ -432,6 +512,25 @@ class _Datastore:
 
     def label(self) -> str:
         return f"{self.name} (ID {self.id})"
+
+
+@dataclass
+class _VMTemplate:
+    id: int
+    name: str
+    uid: int
+    uname: str
+    raw: Any  # TEMPLATE as pyone parsed it, compared whole to notice changes
+
+
+def _to_vmtemplate(obj: Any) -> _VMTemplate:
+    return _VMTemplate(id=int(obj.ID), name=str(obj.NAME or ""), uid=int(obj.UID if obj.UID is not None else -1),
+                       uname=str(obj.UNAME or ""), raw=obj.TEMPLATE)
+
+
+_Images = list[_Image]
+_Templates = list[_VMTemplate]
+_Changes = list[TemplateChange]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,6 +664,21 @@ class OpenNebulaRegistry:
         pool = self._call("imagepool.info", -3, -1, -1)
         return [_to_image(i) for i in pool.IMAGE or []]
 
+    def _trusted_images(self) -> list[_Image]:
+        """kickgate's images owned by the trusted owner: the authenticated user, or --one-owner."""
+        owner = self.config.owner
+        if owner is None:
+            images = self._my_images()
+        else:
+            pool = self._call("imagepool.info", -2, -1, -1)
+            images = [i for i in (_to_image(x) for x in pool.IMAGE or [])
+                      if i.uname == owner or (owner.isdigit() and i.uid == int(owner))]
+        return [i for i in images if "KICKGATE_VERSION" in i.template and i.state != 7]
+
+    def _family(self, name: str) -> list[_Image]:
+        """Every trusted version of the kickgate image name, by ID."""
+        return sorted((i for i in self._trusted_images() if i.family == name), key=lambda i: i.id)
+
     def _info(self, image_id: int) -> _Image:
         return _to_image(self._call("image.info", image_id))
 
@@ -596,7 +710,7 @@ class OpenNebulaRegistry:
             raise RegistryError(f"invalid OpenNebula image name {reg.name!r}")
         ds = self._resolve_datastore()
         mine = self._my_images()
-        family = [i for i in mine if i.name == reg.name or _version_of(i.name, reg.name)]
+        family = [i for i in mine if one_version(i.name, reg.name) is not None]
 
         gone: set[int] = set()
         reused = self._try_reuse(reg, family, gone)
@@ -622,9 +736,9 @@ class OpenNebulaRegistry:
                                     "'version' (register as NAME-vN) or 'replace'")
             if policy == "version":
                 n = 2
-                while f"{reg.name}-v{n}" in taken:
+                while one_name(reg.name, n) in taken:
                     n += 1
-                target = f"{reg.name}-v{n}"
+                target = one_name(reg.name, n)
                 log.info("%s; registering the new one as %s (name policy 'version')", what, target)
             else:
                 replacing = existing
@@ -653,6 +767,8 @@ class OpenNebulaRegistry:
                 self._call("image.chmod", image_id, -1, -1, -1, 1, -1, -1, 1, -1, -1)
                 log.info("image %d: use granted to group and others (PUBLIC)", image_id)
             img = self._wait_ready(image_id, target, ds, published)
+            # READY: oned copied PATH into the datastore and works from its SOURCE from now on
+            _unlink_quietly(published)
             if replacing is not None:
                 parked = self._swap(replacing, image_id, taken)
                 img = self._info(image_id)
@@ -807,11 +923,7 @@ class OpenNebulaRegistry:
     def _publish(self, reg: Registration, dest: Path) -> None:
         """Copy the image atomically to dest (in publish_dir) and check the copy's sha256."""
         pdir = dest.parent
-        try:
-            pdir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RegistryError(f"cannot create the OpenNebula publish dir {pdir}: "
-                                f"{e.strerror or e}") from None
+        check_publish_dir(pdir)
         try:
             # 0644: oned's user must be able to read it.
             atomic_copy(reg.image_path, dest, mode=0o644, expect_sha256=reg.sha256)
@@ -823,35 +935,248 @@ class OpenNebulaRegistry:
                                 f"{e.strerror or e}") from None
         log.info("published %s to %s (sha256 %s verified)", reg.image_path, dest, reg.sha256[:12])
 
-    def _registered(self, img: _Image, reused: bool) -> Registered:
+    def _registered(self, img: _Image, reused: bool, promoted: bool = False) -> Registered:
         attrs = dict(img.template)
         attrs["STATE"] = img.state_name
         if img.format:
             attrs.setdefault("FORMAT", img.format)
         if img.datastore:
             attrs.setdefault("DATASTORE", img.datastore)
-        return Registered(registry=self.kind, name=img.name, version=str(img.id),
+        version = img.version
+        return Registered(registry=self.kind, name=img.name, version=str(version) if version else "",
                           location=f"{self._ep}#image/{img.id}", sha256=img.sha256,
                           reused=reused, attributes=attrs,
-                          details={"id": img.id, "name": img.name, "state": img.state_name,
-                                   "template": dict(img.template)})
+                          details={"id": img.id, "name": img.name, "family": img.family,
+                                   "version": version, "owner": img.uname, "state": img.state_name,
+                                   "promoted": promoted, "template": dict(img.template)},
+                          image_id=img.id, promoted=promoted)
 
     # -- list -----------------------------------------------------------------------------------
     def list(self) -> list[Registered]:
-        pool = self._call("imagepool.info", -1, -1, -1)
-        images = [_to_image(i) for i in pool.IMAGE or []]
-        return [self._registered(i, reused=False) for i in images
-                if "KICKGATE_VERSION" in i.template]
+        """kickgate's images owned by the trusted owner, by family then ID."""
+        images = self._trusted_images()
+        families: dict[str, list[_Image]] = {}
+        for i in images:
+            families.setdefault(i.family, []).append(i)
+        out: list[Registered] = []
+        for name in sorted(families):
+            members = sorted(families[name], key=lambda i: i.id)
+            current = onepromote.current_promoted(members)
+            out += [self._registered(i, reused=False, promoted=i is current) for i in members]
+        return out
 
     def get(self, name: str, version: str = "latest") -> Registered:
-        """name (or one of its versioned names, name-vN) at an image ID, or the newest of them."""
-        family = [e for e in self.list() if e.name == name or _version_of(e.name, name)]
-        if version != "latest":
-            family = [e for e in family if e.version == version]
+        """A version of name: latest, promoted, N or vN (NAME-vN), id:N, or a bare N meaning either when
+        unambiguous. A name that is itself a versioned image name (generic-dev-v3) finds that image."""
+        ref = parse_version(version, name)
+        family = self._family(name)
         if not family:
-            at = "" if version == "latest" else f" with image ID {version}"
-            raise RegistryError(f"no image {name}{at} registered by kickgate in OpenNebula at {self._ep}")
-        return max(family, key=lambda e: int(e.version))
+            family = [i for i in self._trusted_images() if i.name == name]
+        where = f"in OpenNebula at {self._ep} owned by {self.config.trusted_owner}"
+        if not family:
+            raise RegistryError(f"no image {name} registered by kickgate {where}")
+        found = self._pick(name, ref.kind, ref.n, family)
+        if found is None:
+            have = ", ".join(i.label for i in family)
+            raise RegistryError(f"{name} has no version {version} {where}; it has: {have}")
+        current = onepromote.current_promoted(family)
+        return self._registered(found, reused=False, promoted=found is current)
+
+    def _pick(self, name: str, kind: str, n: int, family: builtins.list[_Image]) -> _Image | None:
+        if kind == LATEST:
+            return family[-1]
+        if kind == PROMOTED:
+            current = onepromote.current_promoted(family)
+            if current is None:
+                raise RegistryError(f"no version of {name} has been promoted in OpenNebula at {self._ep}")
+            return next(i for i in family if i is current)
+        by_version = [i for i in family if i.version == n]
+        by_id = [i for i in family if i.id == n]
+        if kind == "number":
+            return by_version[-1] if by_version else None
+        if kind == "id":
+            return by_id[0] if by_id else None
+        if by_version and by_id and by_version[-1] is not by_id[0]:
+            raise RegistryError(f"{name}@{n} is ambiguous: version {n} is {by_version[-1].label} but image ID {n} "
+                                f"is {by_id[0].label}; write {name}@v{n} for the version or {name}@id:{n} "
+                                "for the image ID")
+        found = by_version or by_id
+        return found[-1] if found else None
+
+    # -- promotion to VM templates ------------------------------------------------------------------
+    def promote(self, entry: Registered, targets: PromoteTargets) -> Promotion:
+        """Point the target templates' DISKs at entry's image, mark it promoted, then apply keep.
+
+        Every step can be re-run: DISKs already pointing at it are left alone, the marks are set
+        by merge, and the promoted version is read back from the marks (see registry/onepromote.py).
+        """
+        if entry.image_id is None:
+            raise RegistryError(f"{entry.label} is not an OpenNebula image")
+        first = self._info(entry.image_id)
+        family = self._family(first.family)
+        new = next((i for i in family if i.id == first.id), None)
+        if new is None:
+            raise RegistryError(f"{first.label} is not a kickgate image owned by {self.config.trusted_owner}: "
+                                "kickgate promotes only images it trusts (see --one-owner)")
+        if new.state not in _AVAILABLE:
+            raise RegistryError(f"{new.label} is {new.state_name}: only a READY image can be promoted")
+        current = onepromote.current_promoted(family)
+        if current is new:  # a re-run: finish what an earlier run started
+            previous = self._first_available(onepromote.history(new), family)
+            chain = new.template.get(onepromote.PREVIOUS, "")
+            promoted_at = new.template[onepromote.PROMOTED_AT]
+        else:
+            previous = cast("_Image | None", current)
+            chain = onepromote.history_after(current, new.id)
+            promoted_at = _now()
+        changes = self._repoint(targets, family, new)
+        self._mark(new, {onepromote.PROMOTED_AT: promoted_at, onepromote.PREVIOUS: chain,
+                         onepromote.SUPERSEDED_BY: "", onepromote.ROLLED_BACK_AT: ""})
+        if previous is not None and previous.template.get(onepromote.SUPERSEDED_BY) != str(new.id):
+            # the previous version keeps serving the VMs that run from it; it is only marked
+            self._mark(previous, {onepromote.SUPERSEDED_BY: str(new.id)})
+        promotion = Promotion(registry=self.kind, promoted=new.label,
+                              previous=previous.label if previous is not None else None, templates=tuple(changes))
+        if promotion.complete and targets.keep is not None:
+            deleted, kept = self._keep(family, targets.keep, protect={new.id})
+            promotion = Promotion(registry=self.kind, promoted=new.label, previous=promotion.previous,
+                                  templates=promotion.templates, deleted=tuple(deleted), kept=tuple(kept))
+        log.info("%s", promotion.summary())
+        return promotion
+
+    def rollback(self, name: str, targets: PromoteTargets) -> Promotion:
+        """Point the target templates back at the version promoted before the current one."""
+        family = self._family(name)
+        if not family:
+            raise RegistryError(f"no image {name} registered by kickgate in OpenNebula at {self._ep} owned by "
+                                f"{self.config.trusted_owner}")
+        current = onepromote.current_promoted(family)
+        if current is None:
+            raise RegistryError(f"no version of {name} has been promoted in OpenNebula at {self._ep}: nothing to "
+                                "roll back")
+        cur = next(i for i in family if i is current)
+        target = self._first_available(onepromote.history(cur), family)
+        if target is None:
+            raise RegistryError(f"{cur.label} is the only promoted version of {name} still available in OpenNebula "
+                                f"at {self._ep}: nothing to roll back to")
+        changes = self._repoint(targets, family, target)
+        # Order matters for a re-run: while cur still carries PROMOTED_AT it stays the promoted one.
+        marks = {onepromote.SUPERSEDED_BY: ""}
+        if not target.template.get(onepromote.PROMOTED_AT):
+            marks[onepromote.PROMOTED_AT] = _now()
+        self._mark(target, marks)
+        self._mark(cur, {onepromote.PROMOTED_AT: "", onepromote.ROLLED_BACK_AT: _now()})
+        promotion = Promotion(registry=self.kind, promoted=target.label, previous=cur.label,
+                              templates=tuple(changes))
+        log.info("rolled back: %s", promotion.summary())
+        return promotion
+
+    def _first_available(self, ids: builtins.list[int], family: builtins.list[_Image]) -> _Image | None:
+        by_id = {i.id: i for i in family}
+        return next((by_id[i] for i in ids if i in by_id and by_id[i].state in _AVAILABLE), None)
+
+    def _mark(self, img: _Image, attrs: dict[str, str]) -> None:
+        self._call("image.update", img.id, render_template(list(attrs.items())), 1)
+
+    def _templates(self) -> builtins.list[_VMTemplate]:
+        pool = self._call("templatepool.info", -2, -1, -1)
+        return [_to_vmtemplate(t) for t in pool.VMTEMPLATE or []]
+
+    def _resolve_templates(self, targets: PromoteTargets, pool: _Templates) -> tuple[_Templates, _Changes]:
+        """The templates named (strings: names, integers: IDs) or selected by attributes, each once."""
+        chosen: dict[int, _VMTemplate] = {}
+        problems: builtins.list[TemplateChange] = []
+        user = self.config.user
+        for want in targets.templates:
+            if isinstance(want, int):
+                found = [t for t in pool if t.id == want]
+                what = f"template {want}"
+            else:
+                named = [t for t in pool if t.name == want]
+                found = [t for t in named if t.uname == user] or named
+                what = f"template {want!r}"
+            if len(found) == 1:
+                chosen.setdefault(found[0].id, found[0])
+            elif not found:
+                problems.append(TemplateChange(what, "failed", f"no VM template {want!r} visible to user {user}"))
+            else:
+                ids = ", ".join(str(t.id) for t in found)
+                problems.append(TemplateChange(what, "failed", f"several VM templates are named {want!r} (IDs {ids}, "
+                                                               "other owners): name it by ID in [promote] templates"))
+        for t in pool:
+            if onepromote.matches_select(t.raw, targets.select):
+                chosen.setdefault(t.id, t)
+        return list(chosen.values()), problems
+
+    def _repoint(self, targets: PromoteTargets, family: _Images, to: _Image) -> _Changes:
+        if not targets.templates and not targets.select:
+            return []
+        templates, changes = self._resolve_templates(targets, self._templates())
+        others = [i for i in family if i.id != to.id]
+        for t in templates:
+            changes.append(self._repoint_one(t, others, to))
+        return changes
+
+    def _repoint_one(self, read: _VMTemplate, others: builtins.list[_Image], to: _Image) -> TemplateChange:
+        label = f"{read.name} (template {read.id})"
+        plan = onepromote.plan_disks(onepromote.disks_of(read.raw), others, to, read.uid)
+        if not plan.changed:
+            if plan.already:
+                return TemplateChange(label, "unchanged", f"already uses {to.label}")
+            return TemplateChange(label, "no-disk", f"no DISK uses a version of {to.family}; left alone")
+        try:
+            text = onepromote.render_disks(plan.disks)
+        except ValueError as e:
+            return TemplateChange(label, "failed", f"{e}; left alone")
+        try:
+            # oned has no compare-and-swap: re-read just before writing, so that a change made since
+            # the plan was computed is noticed and not overwritten
+            now = _to_vmtemplate(self._call("template.info", read.id))
+            if (now.name, now.raw) != (read.name, read.raw):
+                return TemplateChange(label, "conflict", "changed since kickgate read it, so it was not updated; "
+                                                         "check it and run the promotion again")
+            self._call("template.update", read.id, text, 1)  # merge: replaces every DISK, nothing else
+        except RegistryError as e:
+            return TemplateChange(label, "failed", str(e))
+        moved = ", ".join(f"DISK {i} image {old} -> {to.id}" for i, old in plan.changed)
+        log.info("VM template %s: %s", label, moved)
+        return TemplateChange(label, "updated", moved)
+
+    def _keep(self, family: _Images, keep: int, protect: set[int]) -> tuple[builtins.list[str], builtins.list[str]]:
+        """Delete versions older than the newest keep ones, unless promoted, named by a VM template or in use."""
+        newest = {i.id for i in family[-keep:]} if keep > 0 else set()
+        old = [i for i in family if i.id not in newest and i.id not in protect]
+        if not old:
+            return [], []
+        users: dict[int, builtins.list[str]] = {}
+        for t in self._templates():
+            for disk in onepromote.disks_of(t.raw):
+                for img in old:
+                    if onepromote.points_to(disk, img, t.uid):
+                        users.setdefault(img.id, []).append(f"{t.name} (template {t.id})")
+        deleted: builtins.list[str] = []
+        kept: builtins.list[str] = []
+        for img in old:
+            if img.id in users:
+                kept.append(f"{img.label}: VM template {', '.join(users[img.id])} uses it")
+                continue
+            fresh = self._info(img.id)
+            if fresh.running_vms or fresh.state in _IN_USE:
+                kept.append(f"{img.label}: {fresh.state_name}, {fresh.running_vms} VM(s) run from it")
+                continue
+            if fresh.state not in (1, 3, 5):  # READY, DISABLED, ERROR: the states oned deletes from
+                kept.append(f"{img.label}: {fresh.state_name}")
+                continue
+            try:
+                self._call("image.delete", img.id)
+            except _OneCallError as e:  # e.g. a VM started meanwhile: oned refuses, and that is fine
+                kept.append(f"{img.label}: {e.one_message}")
+                continue
+            deleted.append(img.label)
+            log.info("deleted %s (keep = %d)", img.label, keep)
+        for line in kept:
+            log.info("kept %s", line)
+        return deleted, kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,8 +1186,9 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _version_of(candidate: str, base: str) -> bool:
-    return re.fullmatch(re.escape(base) + r"-v\d+", candidate) is not None
+def _now() -> str:
+    """Promotion times compare as text: one format, to the microsecond."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _free_name(name: str, taken: set[str]) -> str:
