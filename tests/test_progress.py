@@ -319,7 +319,9 @@ def test_kickgate_boot_for_a_while_then_cleans_up(repo_root: Path, shared_cache_
                                                   boot_process: list[subprocess.Popen[str]]) -> None:
     env = {**os.environ, "KICKGATE_CACHE_DIR": str(shared_cache_dir)}
     env.pop("CI", None)  # plain lines come from stderr not being a terminal alone
-    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "boot", "generic-dev", "--for", "5s"],
+    # 20s, not less: the first login lands while the guest still makes its extra host keys on its one
+    # emulated CPU, and must be done before the instance goes away.
+    proc = subprocess.Popen([sys.executable, "-m", "builder.cli", "boot", "generic-dev", "--for", "20s"],
                             cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     boot_process.append(proc)
     assert proc.stdout is not None
