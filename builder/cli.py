@@ -1,24 +1,34 @@
-"""The `kickgate` command: validate, render, build, list, show, promote and roll back registered images, clean up."""
+"""The `kickgate` command: validate, render, build, boot, list, show, promote and roll back registered images,
+clean up."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import re
 import shlex
+import shutil
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder import __version__
 from builder.errors import KickgateError, RecipeError
 from builder.fsutil import atomic_write_text
 from builder.options import RunOptions, add_options, registry_options, run_options
+from builder.progress import LiveDisplay, Progress, StreamSink, plain_output
 from builder.recipe import RecipeBook, find_root
 from builder.registry import open_registry
 from builder.registry.base import PromoteTargets, Promotion, Registry
-from builder.signals import stop_signals_interrupt
+from builder.signals import received, stop_signals_interrupt
+
+if TYPE_CHECKING:
+    from builder.pipeline import Pipeline
 
 
 def _options(args: argparse.Namespace) -> RunOptions:
@@ -75,9 +85,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
         print(shlex.join(virt_install_command(recipe, args.location)))
         return 0
-    from builder.pipeline import Pipeline
-
-    with Pipeline(_options(args)) as pipeline:
+    with _pipeline(args) as pipeline:
         image = pipeline.image(recipe.name)
     art = image.artifact
     assert art is not None
@@ -88,6 +96,60 @@ def cmd_build(args: argparse.Namespace) -> int:
         how = "cached" if art.cached else "built"
         print(f"{art.image}", file=sys.stdout)
         print(f"{recipe.name}: {how} in {art.seconds:.1f}s, sha256 {art.record.image_sha256}", file=sys.stderr)
+    return 0
+
+
+@contextlib.contextmanager
+def _pipeline(args: argparse.Namespace) -> Iterator[Pipeline]:
+    """A Pipeline whose builds and boots show their progress on stderr, as `pytest specs/` shows it.
+
+    A live line on a terminal when nothing else writes there; with INFO log lines on stderr (the
+    default) plain lines, which interleave with them cleanly.
+    """
+    from builder.pipeline import Pipeline
+
+    live = not plain_output(sys.stderr.isatty()) and logging.getLogger().getEffectiveLevel() > logging.INFO
+    display = LiveDisplay(StreamSink(sys.stderr, width=shutil.get_terminal_size().columns), live=live)
+    try:
+        with Pipeline(_options(args), progress=Progress(display)) as pipeline:
+            yield pipeline
+    finally:
+        display.close()
+
+
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "30s", "5m", "1h", "1m30s" or a bare number of seconds."""
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not text.strip() or m is None or not any(m.groups()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write e.g. 30s, 5m, 1h or 1m30s")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in m.groups())
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    recipe = _book(args).load(args.image)
+    with _pipeline(args) as pipeline:
+        image = pipeline.image(recipe.name)
+        # The instance the specs get: same overlay, context CD, key and forwards (Pipeline.running_instance).
+        with pipeline.running_instance(image, label=recipe.name, primary=True) as inst:
+            print(inst.ssh_command(), flush=True)
+            print(f"serial log: {inst.serial_log}", flush=True)
+            until = f"for {args.duration:g}s" if args.duration is not None else "until Ctrl-C"
+            print(f"kickgate: {inst.name} is up {until}; then it is destroyed and its files removed",
+                  file=sys.stderr, flush=True)
+            try:
+                if args.duration is not None:
+                    time.sleep(args.duration)
+                else:
+                    while True:
+                        time.sleep(3600)
+            except KeyboardInterrupt:  # the expected way to end it (SIGTERM and SIGHUP too)
+                print(f"kickgate: {received() or 'Ctrl-C'}: stopping {inst.name}", file=sys.stderr, flush=True)
+        name = inst.name
+    print(f"kickgate: {name} destroyed and removed", file=sys.stderr)
     return 0
 
 
@@ -221,6 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--print-virt-install", action="store_true",
                    help="print the equivalent virt-install command instead of building")
     s.set_defaults(func=cmd_build)
+
+    s = sub.add_parser("boot", help="boot a throwaway instance of an image (built or reused) to log in and look")
+    s.add_argument("image", metavar="IMAGE")
+    add_options(s.add_argument, "build")
+    s.add_argument("--for", dest="duration", type=parse_duration, metavar="DURATION",
+                   help="stay up this long (30s, 5m, 1h; default: until Ctrl-C), then clean up")
+    s.set_defaults(func=cmd_boot)
 
     for name, func, helptext in (("images", cmd_images, "list registered images"),
                                  ("show", cmd_show, "show one registered image's record"),

@@ -90,6 +90,7 @@ class Instance:
         self.avoid_mac = (avoid_mac or "").lower()
         self._domain_type = domain_type
         self.on_stop = on_stop  # runs before the files are removed (e.g. to keep a failed boot's log)
+        self.on_phase: Callable[[str], None] | None = None  # told each boot phase (_PHASES) as it is seen
         self.name = f"kg-{label[:24]}-{uuid.uuid4().hex[:6]}"
         self.hostname = self.options.hostname or f"kg-{uuid.uuid4().hex[:8]}"
         self.workdir: Path | None = None
@@ -236,6 +237,8 @@ class Instance:
             if self.reached != last:
                 log.info("%s: reached %s after %.1fs", self.name, self.reached, time.monotonic() - start)
                 last = self.reached
+                if self.on_phase is not None and self.reached != "nothing":
+                    self.on_phase(self.reached)
             if self.reached == "login prompt":
                 # getty starts after rc-local, so by now contextualization has run: an instance
                 # that still does not answer SSH was not given its network by the context.

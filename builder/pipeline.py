@@ -28,6 +28,7 @@ from builder.instance import Instance, InstanceOptions
 from builder.method import BuildOptions
 from builder.options import RunOptions
 from builder.packages import PackageDiff
+from builder.progress import BOOT, BUILD, Progress
 from builder.recipe import Recipe, RecipeBook, find_root
 from builder.registry.base import Promotion, Registered
 
@@ -116,14 +117,16 @@ def can_build(recipe: Recipe) -> tuple[bool, str]:
 class Pipeline:
     """One run of build → verify over the selected images. Not thread-safe; one per process."""
 
-    def __init__(self, options: RunOptions, start_dir: Path | None = None) -> None:
+    def __init__(self, options: RunOptions, start_dir: Path | None = None, progress: Progress | None = None) -> None:
         self.options = options
+        self.progress = progress or Progress()  # builds and boots report here, as they go
         self._start_dir = start_dir
         self.images: dict[str, ImageState] = {}
         self.not_selected: dict[str, str] = {}
         self.kept: list[KeptInstance] = []
         self.wants_spare: set[str] = set()  # images whose specs boot a second instance
         self._spares: dict[str, Instance] = {}
+        self._spare_started: dict[str, float] = {}  # when each spare began to boot (progress clock)
         self._selected: list[str] | None = None
         self._book: RecipeBook | None = None
         self._hv: Hypervisor | None = None
@@ -213,7 +216,10 @@ class Pipeline:
         if state.image is not None:
             return state.image
         try:
-            state.image = self._make_image(name, on_console_line)
+            with self.progress.activity(name, BUILD) as building:
+                state.image = self._make_image(name, on_console_line)
+                building.outcome = "prebuilt" if state.image.artifact is None else \
+                    "cached" if state.image.cached else "built"
         except KickgateError as exc:
             state.error = str(exc).splitlines()[0]
             raise
@@ -256,6 +262,7 @@ class Pipeline:
         if image.name not in self.wants_spare or image.name in self._spares:
             return
         spare = self.new_instance(image, label=image.name + "-extra")
+        self._spare_started[image.name] = self.progress.clock()
         try:
             spare.start()
         except Exception as exc:  # the spec that needs it will boot one itself and report the error
@@ -269,12 +276,18 @@ class Pipeline:
                          **opts: Any) -> Iterator[Instance]:
         """A booted instance of image; torn down (or kept, by policy) when the block ends."""
         spare = None if (primary or opts) else self._spares.pop(image.name, None)
+        started = self._spare_started.pop(image.name, None) if spare is not None else None
         inst = spare or self.new_instance(image, label, **opts)
         if primary:
             self.start_spare(image)
         state = self.state(image.name)
         try:
-            with inst:
+            with contextlib.ExitStack() as running:
+                # Only the boot is an activity people follow: it ends when SSH answers, not with the block.
+                with self.progress.activity(image.name, BOOT, inst.name, started=started) as booting:
+                    inst.on_phase = booting.stage
+                    running.enter_context(inst)
+                    booting.outcome = "SSH login"
                 state.current = inst
                 state.boot_seconds.append(inst.boot_seconds)
                 try:

@@ -9,8 +9,9 @@ below reach it through the plugin manager.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Generator, Iterator
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,18 @@ from builder.errors import KickgateError
 from builder.instance import Instance
 from builder.options import add_options, run_options
 from builder.pipeline import ImageUnderTest, KeptInstance, Pipeline
+from builder.progress import LiveDisplay, plain_output
 from builder.registration import RunFacts, gate_and_register
 from builder.registry import open_registry
-from builder.report import junit_properties, suite_properties, summary_lines, write_artifacts
+from builder.report import (
+    html_summary,
+    junit_properties,
+    stage_rows,
+    stage_table,
+    suite_properties,
+    summary_lines,
+    write_artifacts,
+)
 from builder.signals import received, stop_signals_interrupt
 
 log = logging.getLogger(__name__)
@@ -62,6 +72,70 @@ def _image_of(item_or_report: Any) -> str | None:
     return str(name) if name else None
 
 
+class TerminalSink:
+    """Progress lines in pytest's terminal, between whatever pytest itself writes.
+
+    Builds and boots run inside fixtures, while pytest holds a half-written line (the spec file's
+    name and its dots, or a verbose test id) and captures stdout: the lines are written with capture
+    suspended, on a line of their own, and pytest's line is taken up again before pytest writes its
+    next result.
+    """
+
+    def __init__(self, config: pytest.Config, terminalreporter: Any) -> None:
+        self.tr = terminalreporter
+        self.capman = config.pluginmanager.get_plugin("capturemanager")
+        self.width = config.get_terminal_writer().fullwidth
+        self._interrupted: Any = None  # pytest's line (its currentfspath) that our lines broke into
+        self._ours = False  # our lines are the last thing on the terminal
+        self._live = False  # the cursor is on a line we rewrite
+
+    def _uncaptured(self) -> AbstractContextManager[None]:
+        return self.capman.global_and_fixture_disabled() if self.capman is not None else nullcontext()
+
+    def _take_over(self) -> None:
+        if not self._ours:
+            self._interrupted = self.tr.currentfspath
+            self.tr.ensure_newline()
+            self._ours = True
+
+    def _fit(self, text: str) -> str:
+        return text if len(text) < self.width else text[:max(self.width - 4, 10)] + "..."
+
+    def rewrite(self, text: str) -> None:
+        with self._uncaptured():
+            self._take_over()
+            self.tr.rewrite(self._fit(text), erase=True)
+            self.tr.flush()
+            self._live = True
+
+    def line(self, text: str) -> None:
+        with self._uncaptured():
+            self._take_over()
+            if self._live:
+                self.tr.rewrite(self._fit(text), erase=True)
+                self.tr.write("\n", flush=True)
+                self._live = False
+            else:
+                self.tr.write(text + "\n", flush=True)
+
+    def give_back(self) -> None:
+        """Before pytest writes a result: end a live line, and put back the spec file pytest was on."""
+        if not self._ours:
+            return
+        if self._live:
+            self.tr.write("\n")
+            self._live = False
+        self._ours = False
+        if isinstance(self._interrupted, Path):  # default verbosity: "specs/test_x.py ..", dots follow
+            self.tr.write(os.path.relpath(self._interrupted, self.tr.startpath) + " ")
+            self.tr.currentfspath = self._interrupted
+        elif isinstance(self._interrupted, str):  # -v: the test id, its outcome follows
+            self.tr.write(self._interrupted)
+            self.tr.currentfspath = self._interrupted
+        self._interrupted = None
+        self.tr.flush()
+
+
 class KickgatePlugin:
     """One run's hooks and the state they share."""
 
@@ -77,6 +151,20 @@ class KickgatePlugin:
         self.not_applicable: set[str] = set()  # node ids of specs for another OS family
         self.interrupted = False
         self._stopped_by: str | None = None
+        self.sink: TerminalSink | None = None
+
+    # -- progress ----------------------------------------------------------------------------
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Builds and boots show live progress in the terminal (not under -q, not on xdist workers)."""
+        tr = self.config.pluginmanager.get_plugin("terminalreporter")
+        if tr is None or hasattr(self.config, "workerinput") or self.config.get_verbosity() < 0:
+            return
+        self.sink = TerminalSink(self.config, tr)
+        display = LiveDisplay(self.sink, live=not plain_output(bool(tr.isatty)))
+        self.pipeline.progress.add(display)
+        self._stack.callback(display.close)
 
     # -- collection --------------------------------------------------------------------------
 
@@ -144,7 +232,10 @@ class KickgatePlugin:
                 report.sections.append(("kickgate serial log (last 60 lines)", serial))
         return report
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.sink is not None:
+            self.sink.give_back()
         name = _image_of(report)
         if name is None:
             return
@@ -190,7 +281,8 @@ class KickgatePlugin:
     def _worker_output(self) -> dict[str, Any]:
         return {"collected": self.collected, "deselected": self.deselected,
                 "images": {name: state.to_wire() for name, state in self.pipeline.images.items()},
-                "kept": [vars(k) for k in self.pipeline.kept]}
+                "kept": [vars(k) for k in self.pipeline.kept],
+                "timeline": self.pipeline.progress.timeline.to_wire()}
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -204,6 +296,7 @@ class KickgatePlugin:
         for name, wire in data["images"].items():
             self.pipeline.adopt(name, wire)
         self.pipeline.kept += [KeptInstance(**k) for k in data["kept"]]
+        self.pipeline.progress.timeline.adopt(data.get("timeline", []))
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml writes its report: the gate adds properties to it
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -229,13 +322,33 @@ class KickgatePlugin:
         if failed and session.exitstatus == 0:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
-    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    def _summary(self) -> tuple[list[str], list[str]]:
+        """The summary lines and the per-stage table."""
         lines = summary_lines(self.pipeline.images, self.pipeline.not_selected, self.pipeline.kept,
                               interrupted=self.interrupted_by())
-        if lines:
+        return lines, stage_table(stage_rows(self.pipeline.images, self.pipeline.progress.timeline.activities()))
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+        if self.sink is not None:
+            self.sink.give_back()
+        lines, table = self._summary()
+        if lines or table:
             terminalreporter.section("kickgate")
             for line in lines:
                 terminalreporter.write_line(line)
+            if table:
+                terminalreporter.write_line("")
+                for line in table:
+                    terminalreporter.write_line(line)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_html_results_summary(self, prefix: list[str], summary: list[str], postfix: list[str],
+                                    session: pytest.Session) -> None:
+        """pytest-html (when installed): the summary lines and the stage table above the results."""
+        lines = summary_lines(self.pipeline.images, self.pipeline.not_selected, self.pipeline.kept,
+                              interrupted=self.interrupted_by())
+        prefix.append(html_summary(lines, stage_rows(self.pipeline.images,
+                                                     self.pipeline.progress.timeline.activities())))
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         self._stack.close()
