@@ -265,11 +265,13 @@ class Pipeline:
         self._spare_started[image.name] = self.progress.clock()
         try:
             spare.start()
-        except Exception as exc:  # the spec that needs it will boot one itself and report the error
-            log.warning("%s: could not start a spare instance ahead of time: %s", image.name, exc)
+            self._spares[image.name] = spare
+        except BaseException as exc:
             spare.stop()
-            return
-        self._spares[image.name] = spare
+            if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: undo the half-started spare, then stop
+                raise
+            # The spec that needs it will boot one itself and report the error.
+            log.warning("%s: could not start a spare instance ahead of time: %s", image.name, exc)
 
     @contextlib.contextmanager
     def running_instance(self, image: ImageUnderTest, label: str, *, primary: bool = False,
@@ -278,14 +280,16 @@ class Pipeline:
         spare = None if (primary or opts) else self._spares.pop(image.name, None)
         started = self._spare_started.pop(image.name, None) if spare is not None else None
         inst = spare or self.new_instance(image, label, **opts)
-        if primary:
-            self.start_spare(image)
         state = self.state(image.name)
+        entered = False  # until the instance's own context manager owns it, a stop signal is ours to clean up
         try:
+            if primary:
+                self.start_spare(image)
             with contextlib.ExitStack() as running:
                 # Only the boot is an activity people follow: it ends when SSH answers, not with the block.
                 with self.progress.activity(image.name, BOOT, inst.name, started=started) as booting:
                     inst.on_phase = booting.stage
+                    entered = True  # Instance.__enter__ stops the instance itself when its boot fails
                     running.enter_context(inst)
                     booting.outcome = "SSH login"
                 state.current = inst
@@ -298,6 +302,8 @@ class Pipeline:
                     inst.failed = inst.failed or state.results.any_failed
         except BaseException:
             inst.failed = True
+            if not entered:
+                inst.stop()
             raise
         finally:
             if state.current is inst:

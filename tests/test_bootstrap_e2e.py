@@ -38,8 +38,9 @@ def test_artifact_is_the_recorded_qcow2(artifact: Artifact) -> None:
     assert record["recipe"] == "generic-dev" and record["method"] == "bootstrap"
     assert record["git_revision"] == "" or len(record["git_revision"]) == 40
     assert {"mmdebstrap", "disk", "finish-vm", "convert"} <= set(record["timings"])
-    packages = dict(tuple(p) for p in record["packages"])
+    packages = {p["name"]: p for p in record["packages"]}
     assert "openssh-server" in packages and "linux-image-amd64" in packages
+    assert packages["openssh-server"]["source"] == "openssh" and packages["openssh-server"]["arch"] == "amd64"
     assert "KICKGATE-FINISH-OK" in artifact.serial_log.read_text()
 
 
@@ -105,7 +106,7 @@ def test_finish_vm_failure_names_stage_and_serial_tail(repo_root: Path, shared_c
     assert time.monotonic() - start < 240, "a failing step must end the VM at once, not wait for a watchdog"
     leftovers = list((shared_cache_dir / "tmp").glob("broken-post-*"))
     assert leftovers == [], f"staging left behind: {leftovers}"
-    assert not (shared_cache_dir / "images" / "broken-post").glob("*/record.json").__next__ if False else True
+    assert list((shared_cache_dir / "images" / "broken-post").glob("*/record.json")) == [], "a failed build is cached"
 
 
 def test_build_mac_recorded_and_random(artifact: Artifact) -> None:

@@ -89,7 +89,9 @@ def test_install_end_to_end(standin_dir: Path, hypervisor: Hypervisor, tmp_path:
     assert {"fetch-installer", "render", "inject", "install", "convert"} <= set(record.timings)
     assert record.domain_type in ("qemu", "kvm")
     assert record.build_mac.startswith("52:54:00:")
-    assert record.packages == (("busybox", record.packages[0][1]), ("stand-in", "1.0-1.x86_64"))
+    assert [(p.name, p.arch, p.source) for p in record.packages] == [("busybox", "x86_64", "busybox"),
+                                                                     ("stand-in", "x86_64", "stand-in")]
+    assert record.packages[1].version == "1.0-1" and record.packages[1].licences == ("MIT",)
     assert record.extra["install_source"] == "tree"
     assert record.extra["location"] == str(tree)
     kernel_sum = standin.sha256(tree / "images/pxeboot/vmlinuz")

@@ -170,7 +170,9 @@ def test_image_without_contextualization_fails_with_a_clear_error(repo_root: Pat
     kept_cache = tmp_path / "kept-cache"  # where kept-instance records go: this test's own
     kept_cache.mkdir()
     for entry in shared_cache_dir.iterdir():  # share the builds, not the kept records
-        if entry.name != "kept":
+        if entry.name == "build-secret.key":  # a key file must be a real 0600 file: copy, do not link
+            shutil.copy2(entry, kept_cache / entry.name)
+        elif entry.name != "kept":
             (kept_cache / entry.name).symlink_to(entry)
     res = run_specs(repo_root, kept_cache, "--recipes", str(root), "--image", "no-context", "--image", "generic-dev",
                     "--registry-dir", str(tmp_path / "registry"), f"--junitxml={junit}", "-k", "not clones",
