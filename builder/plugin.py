@@ -34,6 +34,7 @@ from builder.report import (
     summary_lines,
     write_artifacts,
 )
+from builder.scheduling import ImageScheduling
 from builder.signals import received, stop_signals_interrupt
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,6 @@ PLUGIN_NAME = "kickgate-run"
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kickgate", "kickgate: build, verify and register VM images")
     add_options(group.addoption, "pytest")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    """With pytest-xdist, every image's specs go to one worker: it builds the image once and boots its
-    instances once, however many workers there are (--dist loadgroup, one group per image)."""
-    if getattr(config.option, "numprocesses", None) and getattr(config.option, "dist", "no") != "loadgroup":
-        if config.option.dist not in ("no", "load"):
-            log.warning("kickgate: --dist %s replaced by loadgroup (one worker per image)", config.option.dist)
-        config.option.dist = "loadgroup"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -176,11 +167,20 @@ class KickgatePlugin:
             names = self.pipeline.selected_images()
         except KickgateError as exc:
             raise pytest.UsageError(str(exc)) from None
-        if self.config.pluginmanager.hasplugin("xdist"):
-            params = [pytest.param(n, marks=pytest.mark.xdist_group(n)) for n in names]
-            metafunc.parametrize("built_image", params, indirect=True, ids=names, scope="session")
-        else:
-            metafunc.parametrize("built_image", names, indirect=True, ids=names, scope="session")
+        metafunc.parametrize("built_image", names, indirect=True, ids=names, scope="session")
+
+    @pytest.hookimpl(tryfirst=True, optionalhook=True)
+    def pytest_xdist_make_scheduler(self, config: pytest.Config, log: Any) -> Any:
+        """With pytest-xdist every image's specs go to one worker: it builds the image once and boots
+        its instances once, however many workers there are."""
+        dist = config.getoption("dist", "load")
+        if dist not in ("load", "loadscope", "loadgroup", "loadfile", "worksteal"):
+            logging.getLogger(__name__).warning("kickgate: --dist %s replaced by one worker per image", dist)
+        try:
+            images = self.pipeline.selected_images()
+        except KickgateError:  # the workers report the selection error when they collect
+            images = []
+        return ImageScheduling(config, log, images)
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_modifyitems(self, session: pytest.Session, config: pytest.Config,
