@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +23,14 @@ from builder.hypervisor import Hypervisor
 from builder.method import BuildOptions
 from builder.render import render_kickstart
 from builder.run import run
+from conftest import Need
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(standin.missing_prerequisites() is not None,
-                       reason=f"stand-in installer: {standin.missing_prerequisites()}"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prerequisites(need: Need) -> None:
+    need.that(standin.missing_prerequisites())
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +79,7 @@ def test_install_end_to_end(standin_dir: Path, hypervisor: Hypervisor, tmp_path:
     recipe = standin.recipe_copy(tmp_path / "root", str(tree))
     options = BuildOptions(cache_dir=tmp_path / "cache")
     lines: list[str] = []
-    started = time.monotonic()
     art = build_image(recipe, hypervisor, options, on_console_line=lines.append)
-    elapsed = time.monotonic() - started
-    assert elapsed < 60
 
     record = art.record
     assert not art.cached and art.image.is_file() and art.image.suffix == ".qcow2"
@@ -134,17 +132,14 @@ def test_hanging_installer_is_stopped_by_the_idle_watchdog(
     recipe = standin.recipe_copy(tmp_path / "root", str(standin_dir / "tree"),
                                  extra_args=("standin=hang",), idle_timeout="8s",
                                  build_timeout="60s")
-    started = time.monotonic()
     with pytest.raises(BuildError) as exc:
         build_image(recipe, hypervisor, BuildOptions(cache_dir=tmp_path / "cache"))
-    elapsed = time.monotonic() - started
     err = exc.value
     assert err.stage == "install"
     assert err.reason.startswith("inactivity watchdog") and "8s" in err.reason
     assert "stand-in: hanging on purpose" in err.serial_tail
     assert len(err.serial_tail) <= 40
     assert err.serial_log is not None and Path(err.serial_log).is_file()  # kept for the user
-    assert elapsed < 50
     assert_no_leftovers(hypervisor, tmp_path)
     assert not list((tmp_path / "cache" / "images" / recipe.name).glob("*/record.json"))
 
