@@ -25,7 +25,6 @@ class Outcome(enum.Enum):
     FAILED = "failure marker"
     TIMEOUT = "timeout"
     IDLE = "inactivity watchdog"
-    INTERRUPTED = "interrupted"
 
 
 @dataclass
@@ -34,7 +33,6 @@ class Watch:
 
     path: Path
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
-    lines_seen: int = 0
     seen: set[str] = field(default_factory=set)  # which of the markers appeared
     matched: str | None = None
     failure_line: str | None = None
@@ -58,11 +56,18 @@ class Watch:
         text = self._partial + self._decoder.decode(chunk)
         parts = text.split("\n")
         self._partial = parts.pop()
-        lines = [ANSI_RE.sub("", p) for p in parts]
+        return self._take([ANSI_RE.sub("", p) for p in parts])
+
+    def flush(self) -> list[str]:
+        """The unfinished last line as a line of its own: once the guest is off nothing will end it."""
+        text = self._partial + self._decoder.decode(b"", final=True)
+        self._partial = ""
+        return self._take([ANSI_RE.sub("", text)] if text else [])
+
+    def _take(self, lines: list[str]) -> list[str]:
         for line in lines:
             self.tail.append(line)
             serial_log.debug("%s", line)
-        self.lines_seen += len(lines)
         return lines
 
     def tail_lines(self, n: int = 40) -> list[str]:
@@ -93,6 +98,9 @@ def watch(dom: Any, is_active: Callable[[Any], bool], serial: Path, *, timeout: 
             # still judged by this loop, not lost after it.
             active = is_active(dom)
             lines = w.poll()
+            if not active:
+                # A marker printed without a newline right before power-off still counts.
+                lines += w.flush()
             now = time.monotonic()
             if lines:
                 last_activity = now

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,34 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+class Need:
+    """A test's prerequisites. Missing, the test is skipped on a developer's machine, but fails
+    when CI is set: ci/setup installs every one of them, so a skip there would hide a broken setup."""
+
+    def that(self, missing: str | None) -> None:
+        """missing: what is absent and what to install, or None when all is there."""
+        if missing is None:
+            return
+        if os.environ.get("CI"):
+            pytest.fail(f"prerequisite missing (CI is set, so this fails instead of skipping): {missing}",
+                        pytrace=False)
+        pytest.skip(f"prerequisite missing: {missing}")
+
+    def tool(self, name: str, package: str) -> None:
+        self.that(None if shutil.which(name) else f"{name} not on PATH (install the Debian package {package})")
+
+    def module(self, name: str, install: str) -> None:
+        self.that(None if importlib.util.find_spec(name) else f"Python module {name} missing (install {install})")
+
+    def file(self, path: Path, package: str) -> None:
+        self.that(None if path.exists() else f"{path} missing (install the Debian package {package})")
+
+
+@pytest.fixture(scope="session")
+def need() -> Need:
+    return Need()
 
 
 @pytest.fixture(scope="session")

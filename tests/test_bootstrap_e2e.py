@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from builder import build as build_module
 from builder.build import Artifact, build_image
 from builder.console import Outcome, watch
 from builder.disk import create_overlay, image_info
-from builder.domain import Disk, DomainSpec, domain_xml, random_mac
+from builder.domain import Disk, DomainSpec, domain_xml
 from builder.fsutil import sha256_file
 from builder.hypervisor import Hypervisor
 from builder.method import BuildOptions
@@ -53,14 +55,21 @@ def test_post_install_scripts_ran_in_order(artifact: Artifact) -> None:
                      "post-06-node-motd.sh", "seal"]
 
 
-def test_unchanged_recipe_is_reused_fast(repo_root: Path, shared_cache_dir: Path, artifact: Artifact) -> None:
+def test_unchanged_recipe_is_reused_fast(repo_root: Path, shared_cache_dir: Path, artifact: Artifact,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_build(*_args: object, **_kw: object) -> None:
+        raise AssertionError("an unchanged recipe was built again")
+
+    monkeypatch.setattr(build_module, "_build_uncached", no_build)
     recipe = RecipeBook(repo_root).load("generic-dev")
-    start = time.monotonic()
     with Hypervisor(cache_dir=shared_cache_dir) as hv:
+        start = time.monotonic()
         again = build_image(recipe, hv, BuildOptions(cache_dir=shared_cache_dir))
-    elapsed = time.monotonic() - start
+        elapsed = time.monotonic() - start
     assert again.cached and again.image == artifact.image
-    assert elapsed < 2.0, f"cache hit took {elapsed:.2f}s"
+    # The README's "well under 2 s" is measured by bench/; here only a margin of 10x that holds
+    # on a loaded 2-core machine (the hit re-hashes the image), to catch a hit that does real work.
+    assert elapsed < 20.0, f"cache hit took {elapsed:.2f}s"
 
 
 def test_image_boots_to_a_login_prompt(artifact: Artifact, shared_cache_dir: Path, tmp_path: Path) -> None:
@@ -96,19 +105,19 @@ def test_finish_vm_failure_names_stage_and_serial_tail(repo_root: Path, shared_c
     from builder.errors import BuildError
 
     recipe = RecipeBook(root).load("broken-post")
-    start = time.monotonic()
     with Hypervisor(cache_dir=shared_cache_dir) as hv, pytest.raises(BuildError) as err:
         build_image(recipe, hv, BuildOptions(cache_dir=shared_cache_dir))
     assert err.value.stage == "finish-vm"
+    # The script's exit ended the build, not a watchdog or the timeout (their reasons say so).
+    assert err.value.reason.startswith("failure marker on the console"), err.value.reason
     assert "post-07-node-fail.sh exited 3" in err.value.reason
     assert any("about to fail on purpose" in line for line in err.value.serial_tail)
     assert err.value.serial_log and Path(err.value.serial_log).is_file()
-    assert time.monotonic() - start < 240, "a failing step must end the VM at once, not wait for a watchdog"
     leftovers = list((shared_cache_dir / "tmp").glob("broken-post-*"))
     assert leftovers == [], f"staging left behind: {leftovers}"
     assert list((shared_cache_dir / "images" / "broken-post").glob("*/record.json")) == [], "a failed build is cached"
 
 
-def test_build_mac_recorded_and_random(artifact: Artifact) -> None:
-    assert artifact.record.build_mac.startswith("52:54:00:")
-    assert artifact.record.build_mac != random_mac()
+def test_build_mac_recorded(artifact: Artifact) -> None:
+    # Its randomness is random_mac()'s, tested by property in test_domain.py.
+    assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", artifact.record.build_mac), artifact.record.build_mac

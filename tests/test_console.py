@@ -118,7 +118,6 @@ def test_markers_seen_then_powered_off(guests: list[Guest], serial: Path) -> Non
                            markers=["KICKGATE-OK", "NEVER-PRINTED"])
     assert outcome is Outcome.POWERED_OFF
     assert w.seen == {"KICKGATE-OK"}
-    assert w.lines_seen == 3
     assert list(w.tail) == ["boot", "step 1", "[ 5.1] KICKGATE-OK done"]
 
 
@@ -131,44 +130,42 @@ def test_progress_gets_every_line_in_order(guests: list[Guest], serial: Path) ->
 
 
 def test_failure_marker(guests: list[Guest], serial: Path) -> None:
-    outcome, w, elapsed = follow(
+    outcome, w, _ = follow(
         guests, serial, [b"booting\n", 0.03, b"[ 1.23] Kernel panic - not syncing: VFS\n", b"more\n"],
         chatter=0.02, markers=["KICKGATE-OK"], failure=["KICKGATE-FAILED", "Kernel panic"])
     assert outcome is Outcome.FAILED
     assert w.failure_line == "[ 1.23] Kernel panic - not syncing: VFS"
     assert "KICKGATE-OK" not in w.seen
-    assert elapsed < 2.0
 
 
 def test_wait_for_regex(guests: list[Guest], serial: Path) -> None:
-    outcome, w, elapsed = follow(guests, serial, [b"Debian GNU/Linux 12 host ttyS0\n", 0.03, b"host login: x\n"],
-                                 chatter=0.02, wait_for=[r"^\S+ login:"])
+    outcome, w, _ = follow(guests, serial, [b"Debian GNU/Linux 12 host ttyS0\n", 0.03, b"host login: x\n"],
+                           chatter=0.02, wait_for=[r"^\S+ login:"])
     assert outcome is Outcome.MATCHED
     assert w.matched == "host login: x"
-    assert elapsed < 2.0
 
 
 def test_wait_for_matches_a_prompt_with_no_newline(guests: list[Guest], serial: Path) -> None:
     # getty prints "host login: " and waits: the line never ends, yet the prompt is there.
-    outcome, w, elapsed = follow(guests, serial, [b"Debian GNU/Linux 12 host ttyS0\n\n", b"host login: "],
-                                 idle_timeout=3.0, wait_for=[r"login: ?$"])
+    outcome, w, _ = follow(guests, serial, [b"Debian GNU/Linux 12 host ttyS0\n\n", b"host login: "],
+                           idle_timeout=SAFETY_S, wait_for=[r"login: ?$"])
     assert outcome is Outcome.MATCHED, outcome
     assert w.matched == "host login: "
-    assert elapsed < 2.0
 
 
 def test_idle_watchdog_when_nothing_is_written(guests: list[Guest], serial: Path) -> None:
-    outcome, w, elapsed = follow(guests, serial, [b"one line, then silence\n"], idle_timeout=0.2)
+    outcome, w, elapsed = follow(guests, serial, [b"one line, then silence\n"], timeout=60, idle_timeout=0.2)
     assert outcome is Outcome.IDLE
     assert w.tail_lines() == ["one line, then silence"]
-    assert 0.2 <= elapsed < 2.0
+    assert elapsed >= 0.2
 
 
 def test_hard_timeout_while_lines_keep_coming(guests: list[Guest], serial: Path) -> None:
-    outcome, w, elapsed = follow(guests, serial, chatter=0.02, timeout=0.4, idle_timeout=0.2)
+    # idle_timeout is long enough that a loaded machine's scheduling gaps do not trip it first.
+    outcome, w, elapsed = follow(guests, serial, chatter=0.02, timeout=0.4, idle_timeout=SAFETY_S / 2)
     assert outcome is Outcome.TIMEOUT
-    assert 0.4 <= elapsed < 2.0
-    assert w.lines_seen >= 5
+    assert elapsed >= 0.4
+    assert w.tail, "the chatter was not read"
 
 
 def test_activity_counter_keeps_watchdog_quiet(guests: list[Guest], serial: Path) -> None:
@@ -176,13 +173,14 @@ def test_activity_counter_keeps_watchdog_quiet(guests: list[Guest], serial: Path
     outcome, w, elapsed = follow(guests, serial, timeout=0.5, idle_timeout=0.15, activity=lambda: next(counter))
     assert outcome is Outcome.TIMEOUT
     assert elapsed >= 0.5
-    assert w.lines_seen == 0
+    assert list(w.tail) == []
 
 
 def test_unchanging_activity_counter_does_not_count(guests: list[Guest], serial: Path) -> None:
-    outcome, _, elapsed = follow(guests, serial, timeout=2.0, idle_timeout=0.15, activity=lambda: 42)
+    # The outcome, not a stopwatch, says the idle watchdog fired long before the hard timeout.
+    outcome, _, elapsed = follow(guests, serial, timeout=60, idle_timeout=0.15, activity=lambda: 42)
     assert outcome is Outcome.IDLE
-    assert elapsed < 1.5
+    assert elapsed >= 0.15
 
 
 def test_marker_right_before_power_off_is_seen(guests: list[Guest], tmp_path: Path) -> None:
@@ -228,7 +226,6 @@ def test_tail_keeps_last_40_lines(guests: list[Guest], serial: Path) -> None:
     data = b"".join(f"line {i}\n".encode() for i in range(100))
     outcome, w, _ = follow(guests, serial, [data[:300], 0.02, data[300:], 0.02, OFF])
     assert outcome is Outcome.POWERED_OFF
-    assert w.lines_seen == 100
     assert list(w.tail) == [f"line {i}" for i in range(60, 100)]
     assert w.tail_lines() == [f"line {i}" for i in range(60, 100)]
     assert w.tail_lines(3) == ["line 97", "line 98", "line 99"]
@@ -238,9 +235,47 @@ def test_partial_last_line_in_tail_lines(guests: list[Guest], serial: Path) -> N
     outcome, w, _ = follow(guests, serial, [b"first\nsecond\n", b"\x1b[1mhost login: ", 0.02, OFF],
                            markers=["host login:"])
     assert outcome is Outcome.POWERED_OFF
-    assert list(w.tail) == ["first", "second"]
     assert w.tail_lines() == ["first", "second", "host login: "]
-    assert w.lines_seen == 2
+    assert w.seen == {"host login:"}
+
+
+def test_partial_line_while_running_is_in_tail_lines_only() -> None:
+    w = Watch(Path("/nonexistent"))
+    w._take(["first"])
+    w._partial = "host login: "
+    assert list(w.tail) == ["first"]
+    assert w.tail_lines() == ["first", "host login: "]
+
+
+def test_marker_on_unfinished_last_line_at_power_off_counts(serial: Path) -> None:
+    # The guest prints the marker without a newline and powers off: nothing will ever end that line.
+    got: list[str] = []
+    is_active = scripted_is_active(serial, [b"working\n", b"KICKGATE-", b"OK"])
+    outcome, w = watch(None, is_active, serial, timeout=60, idle_timeout=60, markers=["KICKGATE-OK"],
+                       progress=got.append, poll_interval=POLL)
+    assert outcome is Outcome.POWERED_OFF
+    assert w.seen == {"KICKGATE-OK"}
+    assert got == ["working", "KICKGATE-OK"]
+    assert list(w.tail) == ["working", "KICKGATE-OK"]
+    assert w.tail_lines() == ["working", "KICKGATE-OK"]
+
+
+def test_failure_marker_on_unfinished_last_line_at_power_off(serial: Path) -> None:
+    is_active = scripted_is_active(serial, [b"working\n\x1b[1mKICKGATE-FAILED step 3"])
+    outcome, w = watch(None, is_active, serial, timeout=60, idle_timeout=60, markers=["KICKGATE-OK"],
+                       failure=["KICKGATE-FAILED"], poll_interval=POLL)
+    assert outcome is Outcome.FAILED
+    assert w.failure_line == "KICKGATE-FAILED step 3"
+    assert w.seen == set()
+
+
+def test_utf8_cut_at_power_off_is_replaced_not_lost(serial: Path) -> None:
+    is_active = scripted_is_active(serial, ["done ✓".encode()[:-1]])
+    outcome, w = watch(None, is_active, serial, timeout=60, idle_timeout=60, markers=["done"],
+                       poll_interval=POLL)
+    assert outcome is Outcome.POWERED_OFF
+    assert w.seen == {"done"}
+    assert list(w.tail) == ["done \ufffd"]
 
 
 def test_line_split_across_writes_is_one_line(serial: Path) -> None:

@@ -1,49 +1,28 @@
 """Domain XML: golden files (reviewed by eye), libvirt's schema, and the structure each build relies on.
 
-Regenerate the golden files with KICKGATE_UPDATE_GOLDEN=1 and review the diff before committing.
+The golden files are rewritten only by `python tests/update_golden.py`; review its diff before committing.
 """
 
 from __future__ import annotations
 
-import os
 import re
+import secrets
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import golden_domains
 import pytest
+from golden_domains import GOLDEN, MAC, SPECS, golden_path
 
-from builder.domain import NIC_PCI_ADDR, QEMU_NS, Disk, DomainSpec, Nic, domain_xml, random_mac
+from builder import domain
+from builder.domain import NIC_PCI_ADDR, QEMU_NS, DomainSpec, Nic, domain_xml, random_mac
+from conftest import Need
 
-GOLDEN = Path(__file__).parent / "golden"
-UPDATE = os.environ.get("KICKGATE_UPDATE_GOLDEN") == "1"
-MAC = "52:54:00:12:34:56"
 Q = f"{{{QEMU_NS}}}"
-
-SPECS: dict[str, DomainSpec] = {
-    # The bootstrap finish VM: direct kernel boot, raw disk, no route out, KVM.
-    "kernel-boot-kvm": DomainSpec(
-        name="kg-build-generic-dev-abc123", type="kvm", memory_mib=1024, vcpus=1,
-        serial_log=Path("/var/cache/kickgate/tmp/generic-dev-x/out/serial.log"),
-        disks=(Disk(Path("/var/cache/kickgate/tmp/generic-dev-x/work/disk.raw"), "raw", cache="unsafe"),),
-        kernel=Path("/var/cache/kickgate/tmp/generic-dev-x/work/vmlinuz"),
-        initrd=Path("/var/cache/kickgate/tmp/generic-dev-x/work/initrd.img"),
-        cmdline="root=UUID=0f3c3e59-2f43-4a7c-9a53-5c1f0f6c3a10 rw console=ttyS0,115200 panic=-1",
-        nic=Nic(mac=MAC, restrict=True)),
-    # A throwaway test instance: disk boot from a qcow2 overlay + context CD, ssh forward, TCG.
-    "disk-boot-qemu": DomainSpec(
-        name="kg-test-generic-dev-def456", type="qemu", memory_mib=2048, vcpus=2,
-        serial_log=Path("/tmp/kg-test/serial.log"),
-        disks=(Disk(Path("/tmp/kg-test/overlay.qcow2"), "qcow2"),
-               Disk(Path("/tmp/kg-test/context.iso"), "raw", device="cdrom")),
-        nic=Nic(mac=MAC, host_forwards=((40022, 22), (40080, 80))),
-        on_reboot="restart", uuid="3f1c9a52-7f0e-4b1e-8c55-1a2b3c4d5e6f"),
-    # No NIC at all: no qemu:commandline element.
-    "no-nic": DomainSpec(
-        name="kg-plain", type="qemu", memory_mib=512, vcpus=1, serial_log=Path("/tmp/plain/serial.log"),
-        disks=(Disk(Path("/tmp/plain/disk.qcow2")),)),
-}
 
 
 def test_every_golden_file_is_used() -> None:
@@ -52,18 +31,40 @@ def test_every_golden_file_is_used() -> None:
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_domain_xml_matches_golden(name: str) -> None:
-    xml = domain_xml(SPECS[name])
-    golden = GOLDEN / f"domain-{name}.xml"
-    if UPDATE:
-        GOLDEN.mkdir(exist_ok=True)
-        golden.write_text(xml)
-    assert xml == golden.read_text(), f"{golden} differs; review, then KICKGATE_UPDATE_GOLDEN=1"
+    golden = golden_path(name)
+    assert domain_xml(SPECS[name]) == golden.read_text(), \
+        f"{golden} differs; if the change is meant, run python tests/update_golden.py and review the diff"
+
+
+def test_a_differing_golden_file_fails_and_is_left_alone(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Whatever the environment says, the test run only compares: tests/update_golden.py writes.
+    monkeypatch.setattr(golden_domains, "GOLDEN", tmp_path)
+    monkeypatch.setenv("KICKGATE_UPDATE_GOLDEN", "1")
+    name = sorted(SPECS)[0]
+    stale = golden_path(name)
+    stale.write_text("<domain/>\n")
+    with pytest.raises(AssertionError, match=r"update_golden\.py"):
+        test_domain_xml_matches_golden(name)
+    assert stale.read_text() == "<domain/>\n"
+
+
+def test_update_golden_writes_what_the_test_compares(repo_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "domain-gone.xml").write_text("<domain/>\n")
+    (tmp_path / f"domain-{sorted(SPECS)[0]}.xml").write_text("<domain/>\n")
+    res = subprocess.run([sys.executable, str(repo_root / "tests" / "update_golden.py"), "--golden-dir",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"domain-{n}.xml" for n in SPECS)
+    for name, spec in SPECS.items():
+        assert (tmp_path / f"domain-{name}.xml").read_text() == domain_xml(spec)
+    assert "removed" in res.stdout and "domain-gone.xml" in res.stdout
 
 
 @pytest.fixture(scope="module")
-def libvirt_test_conn() -> Iterator[Any]:
+def libvirt_test_conn(need: Need) -> Iterator[Any]:
     """libvirt's own parser and RNG schema, through the in-process test driver (no daemon, no QEMU)."""
-    libvirt = pytest.importorskip("libvirt")
+    need.module("libvirt", "libvirt-python, which ci/setup builds against libvirt-dev")
+    import libvirt
+
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     conn = libvirt.open("test:///default")
     yield conn
@@ -203,11 +204,35 @@ def test_names_are_escaped() -> None:
     assert root.find("devices/serial/source").attrib["path"] == "/tmp/<odd>&.log"  # type: ignore[union-attr]
 
 
-def test_random_mac() -> None:
-    macs = [random_mac() for _ in range(1000)]
-    assert len(set(macs)) == 1000
+def test_random_mac_is_the_prefix_and_three_bytes_of_the_os_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+
+    def token_bytes(n: int) -> bytes:
+        asked.append(n)
+        return bytes([0x00, 0xAB, 0xFF])
+
+    monkeypatch.setattr(domain.secrets, "token_bytes", token_bytes)
+    assert random_mac() == "52:54:00:00:ab:ff"
+    assert random_mac("02:00:00") == "02:00:00:00:ab:ff"
+    assert asked == [3, 3]
+
+
+def test_random_mac_varies_every_one_of_its_24_bits() -> None:
+    # A property, not luck: with 64 draws a given bit stays the same in all of them with
+    # probability 2**-63, so this fails by chance about once in 4e17 runs; a generator that
+    # fixes any bit (or repeats itself) fails every time.
+    assert domain.secrets is secrets
+    macs = [random_mac() for _ in range(64)]
     for mac in macs:
         assert re.fullmatch(r"52:54:00(:[0-9a-f]{2}){3}", mac), mac
+    values = [int(mac[9:].replace(":", ""), 16) for mac in macs]
+    ones = 0
+    zeros = 0
+    for v in values:
+        ones |= v
+        zeros |= ~v & 0xFFFFFF
+    assert ones == 0xFFFFFF, f"bits never set: {~ones & 0xFFFFFF:06x}"
+    assert zeros == 0xFFFFFF, f"bits never clear: {~zeros & 0xFFFFFF:06x}"
 
 
 def test_tcg_cpu_model_only_for_qemu(libvirt_test_conn: Any) -> None:

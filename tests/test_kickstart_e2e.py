@@ -10,8 +10,8 @@ shell script.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,12 +24,14 @@ from builder.hypervisor import Hypervisor
 from builder.method import BuildOptions
 from builder.render import render_kickstart
 from builder.run import run
+from conftest import Need
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(standin.missing_prerequisites() is not None,
-                       reason=f"stand-in installer: {standin.missing_prerequisites()}"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _prerequisites(need: Need) -> None:
+    need.that(standin.missing_prerequisites())
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +80,7 @@ def test_install_end_to_end(standin_dir: Path, hypervisor: Hypervisor, tmp_path:
     recipe = standin.recipe_copy(tmp_path / "root", str(tree))
     options = BuildOptions(cache_dir=tmp_path / "cache")
     lines: list[str] = []
-    started = time.monotonic()
     art = build_image(recipe, hypervisor, options, on_console_line=lines.append)
-    elapsed = time.monotonic() - started
-    assert elapsed < 60
 
     record = art.record
     assert not art.cached and art.image.is_file() and art.image.suffix == ".qcow2"
@@ -134,17 +133,14 @@ def test_hanging_installer_is_stopped_by_the_idle_watchdog(
     recipe = standin.recipe_copy(tmp_path / "root", str(standin_dir / "tree"),
                                  extra_args=("standin=hang",), idle_timeout="8s",
                                  build_timeout="60s")
-    started = time.monotonic()
     with pytest.raises(BuildError) as exc:
         build_image(recipe, hypervisor, BuildOptions(cache_dir=tmp_path / "cache"))
-    elapsed = time.monotonic() - started
     err = exc.value
     assert err.stage == "install"
     assert err.reason.startswith("inactivity watchdog") and "8s" in err.reason
     assert "stand-in: hanging on purpose" in err.serial_tail
     assert len(err.serial_tail) <= 40
     assert err.serial_log is not None and Path(err.serial_log).is_file()  # kept for the user
-    assert elapsed < 50
     assert_no_leftovers(hypervisor, tmp_path)
     assert not list((tmp_path / "cache" / "images" / recipe.name).glob("*/record.json"))
 
@@ -180,4 +176,51 @@ def test_interrupt_destroys_the_install_domain(standin_dir: Path, hypervisor: Hy
     with pytest.raises(KeyboardInterrupt):
         build_image(recipe, hypervisor, BuildOptions(cache_dir=tmp_path / "cache"),
                     on_console_line=interrupt)
+    assert_no_leftovers(hypervisor, tmp_path)
+
+
+# A SHA-512 crypt(3) hash, distinctive enough that any copy of it, or of its salt, is found.
+ROOTPW_HASH = "$6$kgE2eSalt$" + "Xr7" * 28 + "q1"
+
+
+def files_holding(root: Path, needles: tuple[bytes, ...], *, besides: tuple[Path, ...] = ()) -> list[str]:
+    return sorted(str(p) for p in root.rglob("*")
+                  if p.is_file() and p not in besides and any(n in p.read_bytes() for n in needles))
+
+
+def test_root_password_hash_reaches_the_installer_and_nothing_else(
+        standin_dir: Path, hypervisor: Hypervisor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KICKGATE_ROOTPW_HASH", ROOTPW_HASH)
+    caplog.set_level(logging.DEBUG)  # every log line kickgate writes, the serial console's included
+    needles = (ROOTPW_HASH.encode(), b"kgE2eSalt")
+    cache = tmp_path / "cache"
+    options = BuildOptions(cache_dir=cache, console=True)
+    lines: list[str] = []
+
+    # A failed install: the error, its serial tail and the kept serial log.
+    failing = standin.recipe_copy(tmp_path / "failing", str(standin_dir / "tree"), extra_args=("standin=fail",))
+    with pytest.raises(BuildError) as exc:
+        build_image(failing, hypervisor, options, on_console_line=lines.append)
+    assert "failing on purpose" in exc.value.reason
+    assert not any(n.decode() in str(exc.value) + "\n".join(exc.value.serial_tail) for n in needles)
+
+    # A good one: the installer gets the hash (the kickstart it checked is the one that holds it).
+    recipe = standin.recipe_copy(tmp_path / "root", str(standin_dir / "tree"))
+    kickstart = render_kickstart(recipe)
+    assert f"rootpw --iscrypted {ROOTPW_HASH}" in kickstart
+    art = build_image(recipe, hypervisor, options, on_console_line=lines.append)
+    serial = art.serial_log.read_text(errors="replace")
+    assert f"sha256 {hashlib.sha256(kickstart.encode()).hexdigest()}" in serial
+
+    # The image holds what the installer wrote (a real one puts the hash in /etc/shadow, by design);
+    # everything else kickgate keeps must not: record, serial logs, kept logs of failed builds, staging.
+    assert files_holding(cache, needles, besides=(art.image,)) == []
+    assert (art.image.parent / "record.json").is_file() and art.serial_log.is_file()
+    assert list((cache / "logs").iterdir()), "the failed build's serial log was not kept"
+    assert not any(n.decode() in repr(art.record) for n in needles)
+    out, err = capfd.readouterr()
+    for text in (caplog.text, out, err, "\n".join(lines)):
+        assert "kgE2eSalt" not in text
+    assert "rendered kickstart" in caplog.text, "the debug log this test searches was not captured"
     assert_no_leftovers(hypervisor, tmp_path)

@@ -35,6 +35,7 @@ from builder.packages import (
     sort_packages,
     summary_line,
 )
+from conftest import Need
 
 HOST_ADMINDIR = Path("/var/lib/dpkg")
 
@@ -102,15 +103,16 @@ RPM_ORDER = [
 ]
 
 
-def host_has_dpkg() -> bool:
-    return (HOST_ADMINDIR / "status").is_file()
+@pytest.fixture(scope="module")
+def dpkg_host(need: Need) -> None:
+    need.file(HOST_ADMINDIR / "status", "dpkg (the tests need a Debian host)")
 
 
-needs_dpkg = pytest.mark.skipif(not host_has_dpkg(), reason="needs a Debian host (dpkg database)")
+needs_dpkg = pytest.mark.usefixtures("dpkg_host")
 
 
 @pytest.fixture(scope="module")
-def host_packages() -> tuple[Package, ...]:
+def host_packages(dpkg_host: None) -> tuple[Package, ...]:
     """The build host's own installed packages: real dpkg data, read once (a few seconds)."""
     return read_dpkg(HOST_ADMINDIR)
 

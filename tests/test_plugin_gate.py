@@ -6,6 +6,7 @@ exercise the plugin, the gate and the local registry without booting anything.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -38,8 +39,10 @@ def registry(tmp_path: Path) -> Path:
 def run_gate(pytester: pytest.Pytester, repo_root: Path, image: Path, registry: Path, *args: str,
              specs: str = SPECS) -> pytest.RunResult:
     pytester.makepyfile(test_specs=specs)
-    return pytester.runpytest_subprocess("--image-path", str(image), "--image", "generic-dev",
-                                         "--recipes", str(repo_root), "--registry-dir", str(registry), *args)
+    # --rootdir: else --recipes makes the repository the rootdir, its .pytest_cache shared by every run.
+    return pytester.runpytest_subprocess("--rootdir", str(pytester.path), "--image-path", str(image),
+                                         "--image", "generic-dev", "--recipes", str(repo_root),
+                                         "--registry-dir", str(registry), *args)
 
 
 def versions(registry: Path) -> list[str]:
@@ -79,6 +82,7 @@ def test_skipped_spec_blocks_registration(pytester: pytest.Pytester, repo_root: 
     result = run_gate(pytester, repo_root, fake_image, registry, specs=specs)
     result.assert_outcomes(passed=2, skipped=1)
     result.stdout.fnmatch_lines(["*NOT registered: 1 of 3 specs did not pass: test_specs.py::test_skipped skipped*"])
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, "a run that promotes nothing for a skipped spec is red"
     assert versions(registry) == []
 
 
@@ -128,7 +132,7 @@ def test_junit_report_names_image_and_sha(pytester: pytest.Pytester, repo_root: 
     run_gate(pytester, repo_root, fake_image, registry, f"--junitxml={junit}").assert_outcomes(passed=2)
     xml = junit.read_text()
     assert 'name="kickgate_image" value="generic-dev"' in xml
-    assert 'name="image_sha256" value="' in xml
+    assert f'name="image_sha256" value="{hashlib.sha256(fake_image.read_bytes()).hexdigest()}"' in xml
 
 
 def test_artifacts_dir_holds_gate_result(pytester: pytest.Pytester, repo_root: Path, fake_image: Path,
