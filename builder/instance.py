@@ -39,6 +39,8 @@ KeepPolicy = Literal["never", "on-failure", "always"]
 USER_NET = {"IP": "10.0.2.15", "MASK": "255.255.255.0", "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
 INIT_MARKER = "/var/run/kickgate-context-init.done"
 LOGIN_PROMPT_GRACE_S = 90.0
+# After SSH answers, how long the rest of the boot may take before the instance is given to specs.
+SETTLE_TIMEOUT_S = 240.0
 
 # Boot phases recognised on the serial console, in order.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -55,7 +57,7 @@ class InstanceOptions:
     vcpus: int = 1
     boot_timeout_s: float = 240.0
     keep: KeepPolicy = "never"
-    extra_guest_ports: tuple[int, ...] = (8080,)  # forwarded too, for firewall checks
+    extra_guest_ports: tuple[int, ...] = (8080, 5432, 2375)  # forwarded too, for firewall checks
     hostname: str | None = None
     init_script: str | None = None  # OpenNebula FILES: init.sh run by contextualization
     context_extra: Mapping[str, str] = field(default_factory=dict)
@@ -101,6 +103,8 @@ class Instance:
         self.serial_log: Path | None = None
         self.ssh_config: Path | None = None
         self.boot_seconds = 0.0
+        self.settle_seconds = 0.0
+        self.system_state = ""  # systemd's state once the boot finished: running or degraded
         self.reached = "nothing"
         self.failed = False
         self.kept = False
@@ -115,6 +119,7 @@ class Instance:
             if self._dom is None:  # a spare may have been started ahead of use
                 self.start()
             self.wait_ready()
+            self.wait_settled()
         except BaseException:
             self.failed = True
             self.stop()
@@ -254,6 +259,30 @@ class Instance:
         self.boot_seconds = time.monotonic() - start
         log.info("%s: SSH login with the context key after %.1fs", self.name, self.boot_seconds)
 
+    def wait_settled(self) -> None:
+        """Wait until systemd has finished the boot, so no spec sees a half-booted system.
+
+        SSH answers long before the boot ends: units ordered after sshd (or after multi-user.target)
+        may still change the firewall or fail. Polled rather than `is-system-running --wait`, which
+        systemd before 240 (EL8) does not have.
+        """
+        start = time.monotonic()
+        state = ""
+        while time.monotonic() - start < SETTLE_TIMEOUT_S:
+            _, out = self.run("systemctl is-system-running", timeout=30)
+            state = out.strip().splitlines()[-1] if out.strip() else ""
+            if state not in ("initializing", "starting", ""):
+                break
+            time.sleep(2.0)
+        else:
+            _, jobs = self.run("systemctl list-jobs --no-legend --plain", timeout=30)
+            raise self._fail(f"the boot did not finish within {SETTLE_TIMEOUT_S:.0f}s after SSH answered "
+                             f"(systemd: {state or 'no answer'}); jobs still queued: "
+                             f"{', '.join(line.split()[1] for line in jobs.splitlines() if len(line.split()) > 1)}")
+        self.system_state = state
+        self.settle_seconds = time.monotonic() - start
+        log.info("%s: boot finished (%s) %.1fs after SSH login", self.name, state, self.settle_seconds)
+
     def _connect(self) -> paramiko.SSHClient:
         assert self.key is not None
         client = paramiko.SSHClient()
@@ -289,6 +318,14 @@ class Instance:
         _, stdout, stderr = self._ssh.exec_command(command, timeout=timeout)
         out = stdout.read().decode(errors="replace") + stderr.read().decode(errors="replace")
         return stdout.channel.recv_exit_status(), out
+
+    def served_host_key(self) -> str:
+        """The host key sshd presented in the harness's SSH handshake, as "type base64"."""
+        assert self._ssh is not None
+        transport = self._ssh.get_transport()
+        assert transport is not None
+        key = transport.get_remote_server_key()
+        return f"{key.get_name()} {key.get_base64()}"
 
     def host_port(self, guest_port: int) -> int:
         return self.forwards[guest_port]

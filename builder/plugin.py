@@ -8,6 +8,7 @@ below reach it through the plugin manager.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from collections.abc import Callable, Generator, Iterator
@@ -60,7 +61,17 @@ def _plugin(config: pytest.Config) -> KickgatePlugin:
 
 def _image_of(item_or_report: Any) -> str | None:
     name = dict(getattr(item_or_report, "user_properties", ())).get("kickgate_image")
+    if not name:  # an item before kickgate's collection hook labelled it (deselected early)
+        name = getattr(getattr(item_or_report, "callspec", None), "params", {}).get("built_image")
     return str(name) if name else None
+
+
+# Plugins whose absence changes no spec's collection, selection or fixtures: `-p no:` of any other
+# plugin may drop specs (one that collects them, a conftest with their fixtures) and narrows the run.
+HARMLESS_WHEN_DISABLED = frozenset({
+    "cacheprovider", "warnings", "faulthandler", "pastebin", "doctest", "html", "cov", "randomly", "sugar",
+    "xdist", "xdist.looponfail",
+})
 
 
 class TerminalSink:
@@ -140,6 +151,9 @@ class KickgatePlugin:
         self.collected: dict[str, int] = {}
         self.deselected = 0
         self.not_applicable: set[str] = set()  # node ids of specs for another OS family
+        self.collection_errors: list[str] = []  # node ids of collectors that failed (modules that did not import)
+        self.module_paths: dict[str, str] = {}  # node id → absolute path of every module pytest found
+        self.spec_dirs: set[str] = set()  # absolute folders holding spec modules of an image
         self.interrupted = False
         self._stopped_by: str | None = None
         self.sink: TerminalSink | None = None
@@ -158,6 +172,13 @@ class KickgatePlugin:
         self._stack.callback(display.close)
 
     # -- collection --------------------------------------------------------------------------
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.collection_errors.append(report.nodeid or "(session)")
+        for child in report.result or ():
+            if isinstance(child, pytest.Module):
+                self.module_paths[child.nodeid] = str(child.path)
 
     def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
         """Every spec that needs an image runs once per selected image."""
@@ -192,6 +213,7 @@ class KickgatePlugin:
                 continue
             name = str(callspec.params["built_image"])
             item.user_properties.append(("kickgate_image", name))
+            self.spec_dirs.add(str(item.path.parent))
             fam = item.get_closest_marker("family")
             if fam is not None and self.pipeline.family_of(name) not in (None, *fam.args):
                 # A spec for another OS family does not apply: leaving it out is not a narrowed run.
@@ -272,14 +294,50 @@ class KickgatePlugin:
                 reasons.append(f"node id {arg}")
             elif Path(path).is_file():
                 reasons.append(f"single file {arg}")
+        if getattr(o, "stepwise", False):
+            reasons.append("--sw")
+        for flag in ("ignore", "ignore_glob", "deselect"):
+            values = getattr(o, flag, None)
+            reasons += [f"--{flag.replace('_', '-')} {v}" for v in values or ()]
+        disabled = [p[3:] for p in getattr(o, "plugins", None) or () if p.startswith("no:")]
+        reasons += [f"-p no:{p}" for p in disabled if p not in HARMLESS_WHEN_DISABLED]
         if self.deselected:
             reasons.append(f"{self.deselected} specs deselected")
+        missing = self.uncollected_spec_files()
+        if missing:
+            reasons.append(f"spec files not collected: {', '.join(missing)}")
         return "; ".join(reasons) or None
+
+    def uncollected_spec_files(self) -> list[str]:
+        """Spec modules in the spec folders (by pytest's python_files patterns) that this run never collected."""
+        patterns = self.config.getini("python_files") or ["test_*.py"]
+        skip = self.config.getini("norecursedirs") or []
+        found = set(self.module_paths.values())
+        missing = []
+        for folder in sorted(self.spec_dirs):
+            base = Path(folder)
+            for path in sorted(base.rglob("*.py")):
+                parts = path.relative_to(base).parts[:-1]
+                if any(p.startswith(".") or p == "__pycache__" or any(fnmatch.fnmatch(p, s) for s in skip)
+                       for p in parts):
+                    continue
+                if any(fnmatch.fnmatch(path.name, p) for p in patterns) and str(path) not in found:
+                    missing.append(os.path.relpath(path, self.config.invocation_params.dir))
+        return missing
+
+    def count_collection_errors(self) -> None:
+        """A spec module that failed to collect is an errored spec of every image: no --allow-partial
+        registers past it (--continue-on-collection-errors runs the rest, it does not excuse them)."""
+        for state in self.pipeline.images.values():
+            for nodeid in self.collection_errors:
+                state.results.outcomes[nodeid] = "error"
 
     # -- pytest-xdist: workers build and boot, the controller gates --------------------------
 
     def _worker_output(self) -> dict[str, Any]:
         return {"collected": self.collected, "deselected": self.deselected,
+                "collection_errors": self.collection_errors, "module_paths": self.module_paths,
+                "spec_dirs": sorted(self.spec_dirs),
                 "images": {name: state.to_wire() for name, state in self.pipeline.images.items()},
                 "kept": [vars(k) for k in self.pipeline.kept],
                 "timeline": self.pipeline.progress.timeline.to_wire()}
@@ -293,6 +351,10 @@ class KickgatePlugin:
         for name, count in data["collected"].items():
             self.collected[name] = max(self.collected.get(name, 0), int(count))
         self.deselected = max(self.deselected, int(data["deselected"]))
+        # Failed collect reports reach the controller's hook already; a worker's own list adds nothing new.
+        self.collection_errors += [e for e in data["collection_errors"] if e not in self.collection_errors]
+        self.module_paths.update(data["module_paths"])
+        self.spec_dirs.update(data["spec_dirs"])
         for name, wire in data["images"].items():
             self.pipeline.adopt(name, wire)
         self.pipeline.kept += [KeptInstance(**k) for k in data["kept"]]
@@ -306,6 +368,7 @@ class KickgatePlugin:
             workeroutput["kickgate"] = self._worker_output()
             return
         interrupted = self.interrupted or exitstatus == pytest.ExitCode.INTERRUPTED or bool(session.shouldstop)
+        self.count_collection_errors()
         facts = RunFacts(narrowed=self.narrowed(), interrupted=interrupted, register=self.options.register,
                          allow_partial=self.options.allow_partial)
         failed = gate_and_register(self.pipeline.images, self.collected, facts,

@@ -1,38 +1,86 @@
-"""An active restrictive firewall from the first boot: inbound drops all but loopback, replies and SSH."""
+"""An active restrictive firewall from the first boot: inbound IPv4 and IPv6 drop all but loopback, replies and SSH.
+
+The rules are judged from whichever tool the image uses: the nftables ruleset (`nft -j list
+ruleset`, which also holds iptables-nft's tables) or iptables-save / ip6tables-save. The probe
+then proves it: listeners on several TCP ports and a UDP port are unreachable from outside.
+"""
 
 from __future__ import annotations
 
+import shlex
 import socket
 import time
 from typing import Any
 
-PROBE_PORT = 8080
+import pytest
+from guestcmd import has_tool, run, run_rc
+from judgements import (
+    IPV4,
+    IPV6,
+    InputChain,
+    accepted_tcp_ports,
+    inbound_problems,
+    iptables_input_chains,
+    nft_input_chains,
+)
+
+# Forwarded from the host (builder.instance's extra_guest_ports): a web, a database, a Docker port.
+PROBE_TCP_PORTS = (8080, 5432, 2375)
+PROBE_UDP_PORT = 1194  # and the next port, for IPv6
+PROBE_PID = "/run/kickgate-probe.pid"
+# The user-mode NIC forwards TCP only, from IPv4: UDP and IPv6 come from a network namespace in
+# the guest whose veth peer delivers them to the input hook like any packet from outside.
+NETNS = "kickgate-probe"
+NETNS_ADDR = {IPV4: ("192.0.2.1", "192.0.2.2/24", "192.0.2.1/24"),
+              IPV6: ("2001:db8:4b47::1", "2001:db8:4b47::2/64", "2001:db8:4b47::1/64")}
 
 
 def _firewall_service(host: Any, rhel: bool) -> str:
     names = ("iptables", "firewalld", "nftables") if rhel else ("netfilter-persistent", "nftables", "ufw")
     for name in names:
-        if host.service(name).is_enabled:
+        rc, _ = run_rc(host, f"systemctl is-enabled {name}.service", ok=(0, 1))
+        if rc == 0:
             return name
     raise AssertionError(f"no firewall service enabled (looked for {', '.join(names)})")
 
 
+def input_chains(host: Any) -> list[InputChain]:
+    """Every base chain on the input hook, from the tool the image uses (both, when both are in use)."""
+    nft = has_tool(host, "nft")
+    chains = nft_input_chains(run(host, "nft -j list ruleset")) if nft else []
+    # iptables-nft's tables are in the nft ruleset already; legacy iptables' are not.
+    ipt_in_nft = nft and has_tool(host, "iptables") and "nf_tables" in run(host, "iptables -V")
+    tools = [t for t in ("iptables-save", "ip6tables-save") if has_tool(host, t)]
+    if not ipt_in_nft:
+        for tool in tools:
+            chains += iptables_input_chains(run(host, tool), IPV6 if tool.startswith("ip6") else IPV4)
+    if not nft and not tools:
+        raise AssertionError("neither nft nor iptables-save is installed: the firewall cannot be judged")
+    return chains
+
+
 def test_firewall_service_enabled_and_active(host: Any, rhel: bool) -> None:
     name = _firewall_service(host, rhel)
-    state = host.run(f"systemctl is-active {name}").stdout.strip()
-    assert state == "active", f"firewall service {name} is enabled but {state}"
+    _, state = run_rc(host, f"systemctl is-active {name}.service", ok=(0, 3))
+    assert state.strip() == "active", f"firewall service {name} is enabled but {state.strip()}"
 
 
-def test_inbound_default_is_drop(host: Any) -> None:
-    rules = host.check_output("iptables -S INPUT")
-    policy_drop = "-P INPUT DROP" in rules
-    final_reject = rules.strip().splitlines()[-1].endswith(("-j DROP", "-j REJECT"))
-    assert policy_drop or final_reject, f"inbound traffic is not dropped by default:\n{rules}"
+def test_inbound_ipv4_dropped_by_default(host: Any) -> None:
+    problems = inbound_problems(input_chains(host), IPV4)
+    assert problems == [], "inbound traffic is not dropped by default: " + "; ".join(problems)
+
+
+def test_inbound_ipv6_dropped_by_default(host: Any) -> None:
+    if not host.file("/proc/net/if_inet6").exists:
+        return  # IPv6 is off in this kernel: there is no IPv6 traffic to filter
+    problems = inbound_problems(input_chains(host), IPV6)
+    assert problems == [], "inbound traffic is not dropped by default: " + "; ".join(problems)
 
 
 def test_ssh_allowed(host: Any) -> None:
-    rules = host.check_output("iptables -S INPUT")
-    assert "--dport 22" in rules and "-j ACCEPT" in rules, f"no rule accepts SSH:\n{rules}"
+    chains = [c for c in input_chains(host) if IPV4 in c.families]
+    assert 22 in accepted_tcp_ports(chains), "no input rule accepts SSH (tcp port 22): " + \
+        "; ".join(f"{c.source}: {[r.text for r in c.rules]}" for c in chains)
 
 
 def _banner(port: int, timeout: float = 6.0) -> bytes:
@@ -45,18 +93,70 @@ def _banner(port: int, timeout: float = 6.0) -> bytes:
         return b""
 
 
-def test_listener_is_blocked_but_ssh_is_not(host: Any, instance: Any) -> None:
-    # A second sshd is a listener every image has; it answers with a banner when reachable.
-    host.run(f"/usr/sbin/sshd -p {PROBE_PORT} -o PidFile=/run/kickgate-probe.pid")
+def _udp_listener(family: str) -> str:
+    """A one-shot UDP listener: the first datagram that reaches it leaves a marker file."""
+    bind = f"0.0.0.0:{PROBE_UDP_PORT}" if family == IPV4 else f"[::]:{PROBE_UDP_PORT + 1}"
+    marker = f"/run/kickgate-udp-{family}"
+    inner = f"echo $$ >> {PROBE_PID}; exec systemd-socket-activate --datagram -l {bind} " \
+            f"/bin/sh -c 'echo hit > {marker}'"
+    return f"rm -f {marker}; setsid -f sh -c {shlex.quote(inner)} </dev/null >/dev/null 2>&1"
+
+
+def _udp_reached(host: Any, family: str) -> bool:
+    return bool(host.file(f"/run/kickgate-udp-{family}").exists)
+
+
+def _send_udp(addr: str, family: str) -> str:
+    port = PROBE_UDP_PORT if family == IPV4 else PROBE_UDP_PORT + 1
+    return f"bash -c 'echo probe > /dev/udp/{addr}/{port}'"
+
+
+def test_listeners_are_blocked_but_ssh_is_not(host: Any, instance: Any) -> None:
+    missing = [p for p in PROBE_TCP_PORTS if p not in instance.forwards]
+    assert not missing, f"the instance does not forward the probe ports {missing} (InstanceOptions.extra_guest_ports)"
+    ports = " ".join(f"-p {p}" for p in PROBE_TCP_PORTS)
+    setup = [f"ip netns add {NETNS}",
+             f"ip link add kgprobe0 type veth peer name kgprobe1 netns {NETNS}",
+             "ip link set kgprobe0 up", f"ip -n {NETNS} link set lo up", f"ip -n {NETNS} link set kgprobe1 up"]
+    for local, peer, own in NETNS_ADDR.values():
+        setup += [f"ip addr add {own} dev kgprobe0 nodad" if ":" in local else f"ip addr add {own} dev kgprobe0",
+                  f"ip -n {NETNS} addr add {peer} dev kgprobe1" + (" nodad" if ":" in local else "")]
     try:
+        # A second sshd is a listener every image has; it answers with a banner when reachable.
+        run(host, f"/usr/sbin/sshd {ports} -o PidFile={PROBE_PID}.sshd")
+        run(host, " && ".join([f"rm -f {PROBE_PID}", _udp_listener(IPV4), _udp_listener(IPV6)]))
+        run(host, " && ".join(setup))
         for _ in range(20):
-            if host.run(f"ss -Hltn 'sport = :{PROBE_PORT}'").stdout.strip():
+            listening = run(host, "ss -Hltnu").split()
+            if all(any(w.endswith(f":{p}") for w in listening) for p in (*PROBE_TCP_PORTS, PROBE_UDP_PORT)):
                 break
             time.sleep(0.5)
-        local = host.run(f"timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{PROBE_PORT}; head -c 7 <&3'")
-        assert local.stdout.startswith("SSH-"), "the probe listener does not answer inside the guest"
+        reached = []
+        for port in PROBE_TCP_PORTS:
+            local = run(host, f"timeout 5 bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; head -c 4 <&3'")
+            assert local.startswith("SSH-"), f"the probe listener on tcp port {port} does not answer inside the guest"
+            if _banner(instance.host_port(port)).startswith(b"SSH-"):
+                reached.append(f"tcp {port} from the host")
         assert _banner(instance.host_port(22)).startswith(b"SSH-"), "SSH is not reachable from the host"
-        leaked = _banner(instance.host_port(PROBE_PORT))
-        assert not leaked.startswith(b"SSH-"), f"port {PROBE_PORT} is reachable from outside the guest"
+        for family, (local_addr, _, _) in NETNS_ADDR.items():
+            rc, _ = run_rc(host, f"ip netns exec {NETNS} timeout 3 bash -c "
+                                 f"'exec 3<>/dev/tcp/{local_addr}/{PROBE_TCP_PORTS[0]}'", ok=(0, 1, 124))
+            if rc == 0:
+                reached.append(f"tcp {PROBE_TCP_PORTS[0]} over {family} from outside")
+            run(host, f"ip netns exec {NETNS} {_send_udp(local_addr, family)}")
+        time.sleep(1.5)
+        for family in (IPV4, IPV6):
+            if _udp_reached(host, family):
+                reached.append(f"udp over {family} from outside")
+            else:  # the control: from loopback, which the firewall accepts, the listener answers
+                run(host, _send_udp("127.0.0.1" if family == IPV4 else "::1", family))
+                for _ in range(10):
+                    if _udp_reached(host, family):
+                        break
+                    time.sleep(0.5)
+                else:
+                    pytest.fail(f"the UDP probe listener ({family}) does not work inside the guest")
+        assert reached == [], f"listeners in the guest are reachable: {', '.join(reached)}"
     finally:
-        host.run("kill $(cat /run/kickgate-probe.pid) 2>/dev/null; rm -f /run/kickgate-probe.pid")
+        host.run(f"kill $(cat {PROBE_PID} {PROBE_PID}.sshd 2>/dev/null) 2>/dev/null; "
+                 f"rm -f {PROBE_PID} {PROBE_PID}.sshd /run/kickgate-udp-*; ip netns del {NETNS} 2>/dev/null")

@@ -107,7 +107,12 @@ echo '/swapfile none swap sw 0 0' >> /etc/fstab
 mac=$(cat /sys/class/net/eth0/address)
 echo "SUBSYSTEM==\\"net\\", ACTION==\\"add\\", ATTR{address}==\\"$mac\\", NAME=\\"eth0\\"" \\
     > /etc/udev/rules.d/70-persistent-net.rules
-sed -i 's/^:INPUT DROP/:INPUT ACCEPT/' /etc/iptables/rules.v4
+# Either firewall form: a native nftables ruleset, or iptables-persistent's rules.
+if [ -f /etc/nftables.conf ]; then
+    sed -i '/hook input/s/policy drop;/policy accept;/' /etc/nftables.conf
+else
+    sed -i 's/^:INPUT DROP/:INPUT ACCEPT/' /etc/iptables/rules.v4
+fi
 """
 
 NO_CONTEXT_SCRIPT = """#!/bin/sh
@@ -145,7 +150,7 @@ def test_broken_image_fails_exactly_the_matching_specs(repo_root: Path, shared_c
         "test_no_active_swap", "test_no_swap_in_fstab", "test_no_swap_partitions_or_files",
         "test_no_systemd_swap_units",
         "test_no_persistent_net_rules", "test_no_mac_pinned_in_network_configs",
-        "test_inbound_default_is_drop", "test_listener_is_blocked_but_ssh_is_not",
+        "test_inbound_ipv4_dropped_by_default", "test_listeners_are_blocked_but_ssh_is_not",
     }
     messages = {name: msg for name, (_, msg) in outcomes.items()}
     unexpected = {name: messages[name][-1500:] for name in failed - expected}
@@ -154,8 +159,8 @@ def test_broken_image_fails_exactly_the_matching_specs(repo_root: Path, shared_c
     assert "/etc/fstab mounts swap" in messages["test_no_swap_in_fstab"]
     assert "70-persistent-net.rules exists" in messages["test_no_persistent_net_rules"]
     assert "MAC" in messages["test_no_mac_pinned_in_network_configs"]
-    assert "inbound traffic is not dropped by default" in messages["test_inbound_default_is_drop"]
-    assert "port 8080 is reachable from outside the guest" in messages["test_listener_is_blocked_but_ssh_is_not"]
+    assert "inbound traffic is not dropped by default" in messages["test_inbound_ipv4_dropped_by_default"]
+    assert "tcp 8080 from the host" in messages["test_listeners_are_blocked_but_ssh_is_not"]
     assert "leaky: " in res.stdout and "NOT registered: 8 of" in res.stdout
     assert not (registry / "leaky").exists()
 

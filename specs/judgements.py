@@ -1,0 +1,248 @@
+"""Pure judgements the specs make from what the guest reports: accounts and inbound firewall rules.
+
+Kept apart from the specs so each rule of judgement is unit-tested without a guest.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# -- accounts ---------------------------------------------------------------------------------
+
+
+def _locked(field_: str) -> bool:
+    """A password field no password can match: locked (`!…`, `!!`) or disabled (`*`, `*LK*`)."""
+    return field_.startswith(("!", "*"))
+
+
+def password_problems(passwd: str, shadow: str) -> list[str]:
+    """Accounts anyone could log in to with a password: empty fields (either file) or usable hashes.
+
+    passwd and shadow are `getent passwd` / `getent shadow` outputs. `x` in /etc/passwd defers to
+    the shadow entry; without one no password can match.
+    """
+    shadow_fields = {}
+    for line in shadow.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 2:
+            shadow_fields[parts[0]] = parts[1]
+    problems = []
+    seen = set()
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) < 2:
+            continue
+        name, pw = parts[0], parts[1]
+        seen.add(name)
+        if pw == "":
+            problems.append(f"{name} (empty password field in /etc/passwd)")
+        elif pw != "x" and not _locked(pw):
+            problems.append(f"{name} (password hash in /etc/passwd)")
+        elif pw == "x" and name in shadow_fields:
+            problems += _shadow_problem(name, shadow_fields[name])
+    for name, sp in shadow_fields.items():
+        if name not in seen:  # a shadow entry without a passwd line still holds a password
+            problems += _shadow_problem(name, sp)
+    return problems
+
+
+def _shadow_problem(name: str, field_: str) -> list[str]:
+    if field_ == "":
+        return [f"{name} (empty password in /etc/shadow)"]
+    if not _locked(field_):
+        return [f"{name} (usable password hash in /etc/shadow)"]
+    return []
+
+
+# -- firewall ---------------------------------------------------------------------------------
+
+IPV4, IPV6 = "IPv4", "IPv6"
+TERMINAL = ("accept", "drop", "reject")
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str
+    verdict: str | None  # accept, drop, reject, jump, return, …; None: the rule decides nothing
+    unconditional: bool  # matches every packet
+    accepts_tcp_ports: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class InputChain:
+    """A chain every inbound packet of its families traverses (a base chain on the input hook)."""
+
+    source: str  # e.g. "iptables filter INPUT", "nft inet filter input"
+    families: frozenset[str]
+    policy: str  # accept or drop
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+
+_IPT_VERDICTS = {"ACCEPT": "accept", "DROP": "drop", "REJECT": "reject", "RETURN": "return"}
+
+
+def _ipt_rule(line: str) -> Rule:
+    tokens = shlex.split(line)[2:]  # after "-A CHAIN"
+    conditions: list[str] = []
+    verdict: str | None = None
+    ports: set[int] = set()
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if tok == "-c":  # counters: -c packets bytes
+            i += 3
+            continue
+        if tok == "-m" and i + 1 < len(tokens) and tokens[i + 1] == "comment":
+            i += 2
+            continue
+        if tok == "--comment":
+            i += 2
+            continue
+        if tok in ("-j", "-g"):
+            target = tokens[i + 1] if i + 1 < len(tokens) else ""
+            verdict = _IPT_VERDICTS.get(target, "jump" if tok == "-g" or target not in ("LOG", "NFLOG") else None)
+            break
+        if tok in ("--dport", "--dports", "--destination-port", "--destination-ports") and i + 1 < len(tokens):
+            ports |= _ports(tokens[i + 1])
+        conditions.append(tok)
+        i += 1
+    tcp = "tcp" in conditions
+    return Rule(line, verdict, not conditions, frozenset(ports) if verdict == "accept" and tcp else frozenset())
+
+
+def _ports(spec: str) -> set[int]:
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition(":")
+        if lo.isdigit() and (hi.isdigit() or not hi):
+            out |= set(range(int(lo), int(hi or lo) + 1)) if int(hi or lo) - int(lo) < 70000 else set()
+        elif part == "ssh":
+            out.add(22)
+    return out
+
+
+def iptables_input_chains(save: str, family: str) -> list[InputChain]:
+    """The built-in INPUT chains of every table in `iptables-save` (or ip6tables-save) output."""
+    chains: list[InputChain] = []
+    table = ""
+    policy: str | None = None
+    rules: list[Rule] = []
+
+    def close() -> None:
+        if table and policy is not None:
+            chains.append(InputChain(f"{'ip6tables' if family == IPV6 else 'iptables'} {table} INPUT",
+                                     frozenset({family}), policy, tuple(rules)))
+
+    for raw in save.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            close()
+            table, policy, rules = line[1:], None, []
+        elif line.startswith(":INPUT "):
+            policy = "drop" if line.split()[1] == "DROP" else "accept"
+        elif line.startswith("-A INPUT "):
+            rules.append(_ipt_rule(line))
+        elif line == "COMMIT":
+            close()
+            table, policy, rules = "", None, []
+    close()
+    return chains
+
+
+_NFT_FAMILIES = {"inet": frozenset({IPV4, IPV6}), "ip": frozenset({IPV4}), "ip6": frozenset({IPV6})}
+_NFT_VERDICTS = ("accept", "drop", "reject", "jump", "goto", "return", "queue")
+_NFT_STATEMENTS = ("counter", "log")  # statements that match every packet
+
+
+def _nft_ports(right: Any) -> set[int]:
+    if isinstance(right, int):
+        return {right}
+    if right == "ssh":
+        return {22}
+    if isinstance(right, dict) and "set" in right:
+        return set().union(*(_nft_ports(v) for v in right["set"])) if right["set"] else set()
+    if isinstance(right, list):
+        return set().union(*(_nft_ports(v) for v in right)) if right else set()
+    if isinstance(right, dict) and "range" in right and all(isinstance(v, int) for v in right["range"]):
+        lo, hi = right["range"]
+        return set(range(lo, hi + 1)) if hi - lo < 70000 else set()
+    return set()
+
+
+def _nft_rule(rule: dict[str, Any]) -> Rule:
+    exprs: list[dict[str, Any]] = rule.get("expr", [])
+    verdict: str | None = None
+    conditional = False
+    ports: set[int] = set()
+    for expr in exprs:
+        key = next(iter(expr), "")
+        if key in _NFT_VERDICTS:
+            verdict = key
+        elif key not in _NFT_STATEMENTS:
+            conditional = True
+        if key == "match":
+            left = expr["match"].get("left", {})
+            payload = left.get("payload", {}) if isinstance(left, dict) else {}
+            if payload.get("protocol") == "tcp" and payload.get("field") == "dport":
+                ports |= _nft_ports(expr["match"].get("right"))
+    text = f"nft {rule.get('family')} {rule.get('table')} {rule.get('chain')} rule " \
+           f"(handle {rule.get('handle')}): {json.dumps(exprs, separators=(',', ':'))[:200]}"
+    return Rule(text, verdict, not conditional, frozenset(ports) if verdict == "accept" else frozenset())
+
+
+def nft_input_chains(ruleset_json: str) -> list[InputChain]:
+    """Base chains on the input hook in `nft -j list ruleset` (families inet, ip, ip6)."""
+    items = json.loads(ruleset_json).get("nftables", [])
+    bases: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rules: dict[tuple[str, str, str], list[Rule]] = {}
+    for item in items:
+        chain = item.get("chain")
+        if chain and chain.get("hook") == "input" and chain.get("family") in _NFT_FAMILIES:
+            bases[(chain["family"], chain["table"], chain["name"])] = chain
+    for item in items:
+        rule = item.get("rule")
+        if rule:
+            key = (rule.get("family"), rule.get("table"), rule.get("chain"))
+            if key in bases:
+                rules.setdefault(key, []).append(_nft_rule(rule))  # type: ignore[arg-type]
+    return [InputChain(f"nft {fam} {table} {name}", _NFT_FAMILIES[fam], str(chain.get("policy", "accept")),
+                       tuple(rules.get((fam, table, name), [])))
+            for (fam, table, name), chain in bases.items()]
+
+
+def inbound_problems(chains: Iterable[InputChain], family: str) -> list[str]:
+    """Why inbound traffic of family is not dropped by default; empty when it is.
+
+    Every input base chain sees every inbound packet, and a drop in any of them is final: one
+    chain that drops by default (policy drop, or an unconditional drop or reject rule) is enough.
+    An unconditional accept anywhere is a defect on its own, and a conditional last rule is not a
+    default.
+    """
+    mine = [c for c in chains if family in c.families]
+    if not mine:
+        return [f"{family}: no input chain filters inbound traffic, so all of it is accepted"]
+    problems = []
+    defaults = []
+    drops = False
+    for chain in mine:
+        effective = chain.policy
+        for rule in chain.rules:
+            if rule.unconditional and rule.verdict in TERMINAL:
+                effective = rule.verdict
+                if rule.verdict == "accept":
+                    problems.append(f"{family}: {chain.source} accepts everything: {rule.text}")
+                break
+        defaults.append(f"{chain.source} → {effective}")
+        drops = drops or effective in ("drop", "reject")
+    if not drops and not problems:  # an accept-all rule already says why
+        problems.append(f"{family}: no input chain drops by default ({'; '.join(defaults)}); "
+                        "a conditional last rule is not a default")
+    return problems
+
+
+def accepted_tcp_ports(chains: Iterable[InputChain]) -> set[int]:
+    return set().union(*(r.accepts_tcp_ports for c in chains for r in c.rules))

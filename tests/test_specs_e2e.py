@@ -1,0 +1,98 @@
+"""The specs catch realistic defects: one variant of generic-dev carries several, each named by its own spec.
+
+One build (its root tree is shared with generic-dev, so only the finish VM runs again) and one
+verify run keep this module's cost to a few minutes; the reference image passing the same specs
+is shown by test_pipeline_e2e's main-job test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_pipeline_e2e import junit_outcomes, make_variant, run_specs
+
+pytestmark = pytest.mark.slow
+
+# A usable SHA-512 crypt hash (of "build-time"), as a build that set a password would leave.
+USABLE_HASH = "$6$kickgatesalt$b3EvdNiJ9W91Rwj0w3iRipwOdiIte9cSSGvRoarAO2ICS8.k8IQgoGSSvNp/ZWq5zv.4EhtuBlH5MkjiShZFe0"
+
+FLAWED_SCRIPT = f"""#!/bin/sh
+# Deliberately broken in ways the first specs let through, each caught by one spec.
+set -eu
+# Accounts: root's shadow field emptied, an empty field in /etc/passwd, a usable hash.
+passwd -d root
+useradd -M -s /bin/sh ghost
+sed -i 's/^ghost:x:/ghost::/' /etc/passwd
+useradd -M -s /bin/sh builder
+usermod -p '{USABLE_HASH}' builder
+# Identity: sshd serves a key made now, from outside ssh_host_*; every clone presents it.
+mkdir -p /etc/ssh/baked /etc/ssh/sshd_config.d
+ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/baked/host_ed25519
+echo 'HostKey /etc/ssh/baked/host_ed25519' > /etc/ssh/sshd_config.d/50-baked.conf
+# Firewall: IPv6 left open by policy; IPv4 opened by an accept-all rule late in the boot.
+sed -i 's/^:INPUT DROP/:INPUT ACCEPT/' /etc/iptables/rules.v6
+cat > /etc/systemd/system/late-open.service <<'EOT'
+[Unit]
+Description=Opens the IPv4 firewall after the rest of the boot
+After=multi-user.target netfilter-persistent.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh -c 'sleep 25; iptables -I INPUT 1 -j ACCEPT'
+RemainAfterExit=yes
+
+[Install]
+WantedBy=multi-user.target
+EOT
+# Boot: a unit that fails, so the system ends up degraded.
+cat > /etc/systemd/system/flawed-agent.service <<'EOT'
+[Unit]
+Description=An agent that fails at every boot
+
+[Service]
+Type=oneshot
+ExecStart=/bin/false
+
+[Install]
+WantedBy=multi-user.target
+EOT
+systemctl enable late-open.service flawed-agent.service
+"""
+
+# spec → what its failure message must name; every other spec passes on the variant.
+EXPECTED = {
+    "test_boot_finished_without_failed_units": ["the boot is degraded", "flawed-agent.service"],
+    "test_no_account_has_an_empty_or_usable_password": [
+        "root (empty password in /etc/shadow)", "ghost (empty password field in /etc/passwd)",
+        "builder (usable password hash in /etc/shadow)"],
+    "test_two_clones_differ_in_machine_id_and_host_keys": [
+        "serve the same SSH host key from /etc/ssh/baked/host_ed25519", "same host key in the SSH handshake"],
+    "test_host_keys_made_at_first_boot": ["predate this boot", "/etc/ssh/baked/host_ed25519"],
+    # the accept-all rule is inserted by a unit that runs after SSH answers: only a settled boot shows it
+    "test_inbound_ipv4_dropped_by_default": ["IPv4: iptables filter INPUT accepts everything: -A INPUT -j ACCEPT"],
+    "test_inbound_ipv6_dropped_by_default": ["IPv6: no input chain drops by default (ip6tables filter INPUT → accept)"],
+    "test_listeners_are_blocked_but_ssh_is_not": [
+        "tcp 8080 from the host", "tcp 5432 from the host", "tcp 2375 from the host", "udp over IPv4 from outside",
+        "tcp 8080 over IPv6 from outside", "udp over IPv6 from outside"],
+}
+
+
+def test_each_defect_fails_the_spec_that_names_it(repo_root: Path, shared_cache_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "recipes"
+    make_variant(repo_root, root, "flawed", FLAWED_SCRIPT)
+    junit = tmp_path / "junit.xml"
+    registry = tmp_path / "registry"
+    res = run_specs(repo_root, shared_cache_dir, "--recipes", str(root), "--image", "flawed",
+                    "--registry-dir", str(registry), f"--junitxml={junit}")
+    assert res.returncode == 1, res.stdout[-6000:] + res.stderr[-3000:]
+    outcomes = junit_outcomes(junit)
+    failed = {name: msg for name, (outcome, msg) in outcomes.items() if outcome != "passed"}
+    unexpected = {name: msg[-1500:] for name, msg in failed.items() if name not in EXPECTED}
+    assert not unexpected and set(failed) == set(EXPECTED), \
+        f"unexpected: {unexpected}, missed: {set(EXPECTED) - set(failed)}"
+    for name, phrases in EXPECTED.items():
+        for phrase in phrases:
+            assert phrase in failed[name], f"{name} does not say {phrase!r}:\n{failed[name][-2000:]}"
+    assert f"NOT registered: {len(EXPECTED)} of" in res.stdout
+    assert not (registry / "flawed").exists()
