@@ -83,3 +83,12 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     assert not leaked, f"QEMU guests left running: {leaked}"
     left = _tmp_leftovers() - tmp
     assert not left, f"temporary directories left in /tmp: {left}"
+
+
+@pytest.fixture
+def fake_image(tmp_path: Path) -> Path:
+    """A tiny real qcow2 named like the reference image, for runs whose specs need no guest."""
+    path = tmp_path / "img" / "generic-dev.qcow2"
+    path.parent.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    return path

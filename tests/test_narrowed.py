@@ -5,7 +5,6 @@ Like test_plugin_gate, these verify a tiny prebuilt qcow2 with specs that need n
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,6 @@ def test_sha_taken(built_image):
 def test_size_known(built_image):
     assert built_image.size > 0
 """
-
-
-@pytest.fixture
-def fake_image(tmp_path: Path) -> Path:
-    path = tmp_path / "img" / "generic-dev.qcow2"
-    path.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    return path
 
 
 def run_gate(pytester: pytest.Pytester, repo_root: Path, image: Path, registry: Path, *args: str,

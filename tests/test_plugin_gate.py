@@ -24,14 +24,6 @@ def test_sha_taken(built_image):
 
 
 @pytest.fixture
-def fake_image(tmp_path: Path) -> Path:
-    path = tmp_path / "img" / "generic-dev.qcow2"
-    path.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    return path
-
-
-@pytest.fixture
 def registry(tmp_path: Path) -> Path:
     return tmp_path / "registry"
 

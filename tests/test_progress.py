@@ -237,14 +237,6 @@ def test_boot_reported(built_image, kickgate):
 """
 
 
-@pytest.fixture
-def fake_image(tmp_path: Path) -> Path:
-    path = tmp_path / "img" / "generic-dev.qcow2"
-    path.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    return path
-
-
 def run_specs(pytester: pytest.Pytester, repo_root: Path, image: Path, *args: str) -> pytest.RunResult:
     pytester.makepyfile(test_specs=SPECS)
     return pytester.runpytest_subprocess("--image-path", str(image), "--image", "generic-dev", "--recipes",

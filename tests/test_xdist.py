@@ -6,7 +6,6 @@ Like test_plugin_gate, these verify a tiny prebuilt qcow2 with specs that need n
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,8 @@ def test_more(built_image, n):
 
 
 @pytest.fixture
-def image(tmp_path: Path) -> Path:
-    path = tmp_path / "img" / "generic-dev.qcow2"
-    path.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
-    return path
+def image(fake_image: Path) -> Path:
+    return fake_image
 
 
 def run_n2(pytester: pytest.Pytester, repo_root: Path, image: Path, registry: Path, specs: str,
