@@ -5,42 +5,29 @@ set -eu
 rm -f /etc/ssh/ssh_host_*key /etc/ssh/ssh_host_*key.pub
 if [ ! -f /etc/redhat-release ]; then
     # EL ships sshd-keygen@.service for this; Debian only generates keys in the package's postinst.
-    # ed25519 is made before sshd starts (milliseconds); RSA/ECDSA after it, because RSA
-    # generation can take half a minute on an emulated CPU and would hold up the first login.
+    # ed25519 and ECDSA take milliseconds even on an emulated CPU, so both are made before sshd
+    # starts. No RSA key: generating one takes up to half a minute there, and every client
+    # in use speaks ed25519.
     cat > /etc/systemd/system/ssh-hostkeys.service <<'EOT'
 [Unit]
-Description=Generate the SSH ed25519 host key on first boot
+Description=Generate the SSH host keys (ed25519, ECDSA) on first boot
 Before=ssh.service
-ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+ConditionPathExists=|!/etc/ssh/ssh_host_ed25519_key
+ConditionPathExists=|!/etc/ssh/ssh_host_ecdsa_key
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
+ExecStart=/bin/sh -c 'for t in ed25519 ecdsa; do f=/etc/ssh/ssh_host_$${t}_key; [ -e $$f ] || ssh-keygen -q -t $$t -N "" -f $$f || exit 1; done'
 RemainAfterExit=yes
 
 [Install]
 WantedBy=multi-user.target
 EOT
-    cat > /etc/systemd/system/ssh-hostkeys-extra.service <<'EOT'
-[Unit]
-Description=Generate the remaining SSH host keys on first boot
-After=ssh.service
-ConditionPathExists=!/etc/ssh/ssh_host_rsa_key
-
-[Service]
-Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
-ExecStartPost=-/bin/systemctl reload ssh.service
-RemainAfterExit=yes
-# Background work: never starve sshd or the first login of CPU.
-Nice=19
-CPUSchedulingPolicy=idle
-IOSchedulingClass=idle
-
-[Install]
-WantedBy=multi-user.target
-EOT
-    systemctl enable ssh-hostkeys.service ssh-hostkeys-extra.service ssh.service
+    mkdir -p /etc/ssh/sshd_config.d
+    # Only the keys made above: sshd would otherwise log every boot that the RSA key is missing.
+    printf 'HostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n' \
+        > /etc/ssh/sshd_config.d/10-kickgate-hostkeys.conf
+    systemctl enable ssh-hostkeys.service ssh.service
 fi
 rm -f /root/.ssh/authorized_keys /root/.ssh/authorized_keys2
 echo "ssh-first-boot: host keys removed, generated at first boot"
