@@ -1,16 +1,17 @@
 """A testinfra backend that runs every command through one long-lived remote shell.
 
 testinfra's paramiko backend opens a new SSH session channel per command, and on an emulated guest
-each session costs sshd a fork, a login shell and PAM bookkeeping: most of a spec run. Here one
-session runs one shell for the host's lifetime, and each command costs that shell a fork (and one
-`cat` to return the output). Specs keep testinfra's API (`host.file`, `host.run`, `host.service`…).
+each session costs sshd a fork and a login shell started from scratch. Here one session runs one
+shell for the host's lifetime, and each command costs that shell a fork (and, if it printed
+anything, one `cat` to return the output). Specs keep testinfra's API (`host.file`, `host.run`,
+`host.service`…).
 
 The protocol, over the shell's stdin and stdout:
 - the host sends `__kg_run '<command, single-quoted>' <token>` (a fresh random token per command);
 - the shell runs the command in a subshell, stdin from /dev/null (a command that reads stdin sees
   end-of-file instead of eating the protocol), stdout and stderr into two files (a daemon the
   command leaves running cannot write into a later command's answer), then writes
-  `stdout token stderr token " <exit status>\\n"`.
+  `stdout token stderr token " <exit status>\\n"` (a command that printed nothing costs no `cat`).
 Output is bytes, read until the token: anything, including NULs and no final newline, comes back as
 the command wrote it.
 """
@@ -52,8 +53,12 @@ trap 'exit 143' TERM
 __kg_run() {
     ( eval "$1" ) </dev/null >"$__kg_d/o" 2>"$__kg_d/e"
     __kg_rc=$?
-    printf '%s' "$2" >"$__kg_d/t"
-    cat "$__kg_d/o" "$__kg_d/t" "$__kg_d/e" "$__kg_d/t"
+    if [ -s "$__kg_d/o" ] || [ -s "$__kg_d/e" ]; then
+        printf '%s' "$2" >"$__kg_d/t"
+        cat "$__kg_d/o" "$__kg_d/t" "$__kg_d/e" "$__kg_d/t"
+    else
+        printf '%s%s' "$2" "$2"
+    fi
     printf ' %d\\n' "$__kg_rc"
 }
 """
