@@ -13,6 +13,7 @@ boot finished (`systemctl is-system-running --wait`), which includes first-boot 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -66,8 +67,24 @@ def phases(inst: Instance) -> str:
     return ", ".join(f"{phase} {t:.1f}" for phase, t in PHASES.get(inst.name, []))
 
 
+def command_overhead(inst: Instance, n: int = 20) -> None:
+    """What one trivial command costs through a new SSH session each against the one shell."""
+    started = time.monotonic()
+    for _ in range(n):
+        inst.run("true")
+    per_session = (time.monotonic() - started) / n
+    inst.host.run("true")  # the shell starts
+    started = time.monotonic()
+    for _ in range(n):
+        inst.host.run("true")
+    per_shell = (time.monotonic() - started) / n
+    print(f"  -- one command: {per_session * 1000:.0f} ms over a new SSH session, "
+          f"{per_shell * 1000:.0f} ms through the shell backend")
+
+
 def describe(inst: Instance) -> None:
     print(f"  -- console phases (s): {phases(inst)}")
+    command_overhead(inst)
     for title, command in (("systemd-analyze", "systemd-analyze time"),
                            ("critical chain to sshd", "systemd-analyze critical-chain ssh.service --no-pager"),
                            ("critical chain (whole boot)", "systemd-analyze critical-chain --no-pager"),
@@ -78,12 +95,19 @@ def describe(inst: Instance) -> None:
             print(f"     {line}")
 
 
+def keep_serial(inst: Instance, where: Path | None) -> None:
+    if where is not None and inst.serial_log is not None:
+        where.mkdir(parents=True, exist_ok=True)
+        shutil.copy(inst.serial_log, where / f"{inst.name}.log")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--image", default="generic-dev")
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--runs", type=int, default=1, help="repeat each measurement this many times")
     p.add_argument("--no-parallel", action="store_true", help="only the single-instance boot")
+    p.add_argument("--serial-dir", type=Path, help="keep each instance's serial console log here")
     args = p.parse_args()
     options = RunOptions(images=(args.image,), cache_dir=args.cache_dir or default_cache_dir(), register=False)
     with Pipeline(options, start_dir=REPO) as pipeline:
@@ -94,6 +118,7 @@ def main() -> int:
             (inst, ssh, settled), = boot(pipeline, image, 1)
             print(f"\n== one instance (run {run + 1}): SSH login after {ssh:.1f} s, settled after {settled:.1f} s")
             describe(inst)
+            keep_serial(inst, args.serial_dir)
             inst.stop()
             if args.no_parallel:
                 continue
@@ -103,6 +128,7 @@ def main() -> int:
                   f"slowest {max(ssh for _, ssh, _ in pair):.1f} s")
             for inst, _, _ in pair:
                 print(f"  -- {inst.name} console phases (s): {phases(inst)}")
+                keep_serial(inst, args.serial_dir)
                 inst.stop()
     return 0
 

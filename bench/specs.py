@@ -89,6 +89,10 @@ def main() -> int:
         slowest = sorted(times.items(), key=lambda kv: -kv[1])[:3]
         print(f"  {backend:<9} {len(times)} specs  {total:6.1f} s   without the clone spec {total - clone:6.1f} s   "
               f"slowest: " + ", ".join(f"{n.split('[')[0]} {t:.1f} s" for n, t in slowest))
+    backends = list(results)
+    print("\n  " + "".join(f"{b:>10}" for b in backends) + "   spec")
+    for name in sorted(set().union(*results.values())):
+        print("  " + "".join(f"{results[b].get(name, 0.0):10.2f}" for b in backends) + f"   {name.split('[')[0]}")
     return 0
 
 
