@@ -296,17 +296,15 @@ class Instance:
 
     @property
     def host(self) -> Any:
-        """testinfra Host over paramiko, using this instance's own ssh_config and key."""
+        """testinfra Host whose commands all run in one shell on the harness's SSH session."""
         if self._host is None:
-            import testinfra
+            from builder.shell import host_over
 
             assert self.ssh_config is not None
-            self._host = testinfra.get_host(f"paramiko://{self.name}", ssh_config=str(self.ssh_config), timeout=60)
-            # Hand testinfra the session the harness already authenticated with the context key
-            # (its backend caches the client in a functools.cached_property): a second handshake
-            # can time out while an emulated guest is busy, and would prove nothing new.
-            if self._ssh is not None:
-                self._host.backend.__dict__["client"] = self._ssh
+            # The session the harness already authenticated with the context key (a second
+            # handshake can time out while an emulated guest is busy, and would prove nothing new);
+            # without one, the backend logs in through ssh_config itself.
+            self._host = host_over(self._ssh, self.name, ssh_config=str(self.ssh_config), timeout=60)
         return self._host
 
     def ssh_command(self) -> str:
