@@ -38,7 +38,7 @@ KeepPolicy = Literal["never", "on-failure", "always"]
 # QEMU's user network: the guest is always 10.0.2.15 behind gateway .2 and resolver .3.
 USER_NET = {"IP": "10.0.2.15", "MASK": "255.255.255.0", "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
 INIT_MARKER = "/var/run/kickgate-context-init.done"
-LOGIN_PROMPT_GRACE_S = 90.0
+LOGIN_PROMPT_GRACE_S = 60.0
 # After SSH answers, how long the rest of the boot may take before the instance is given to specs.
 SETTLE_TIMEOUT_S = 240.0
 

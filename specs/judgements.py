@@ -68,8 +68,12 @@ TERMINAL = ("accept", "drop", "reject")
 class Rule:
     text: str
     verdict: str | None  # accept, drop, reject, jump, return, …; None: the rule decides nothing
-    unconditional: bool  # matches every packet
+    unconditional: bool  # matches every packet (of its families)
     accepts_tcp_ports: frozenset[int] = frozenset()
+    families: frozenset[str] | None = None  # a rule that selects a family (meta nfproto ipv6); None: any
+
+    def applies_to(self, family: str) -> bool:
+        return self.families is None or family in self.families
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,8 @@ def iptables_input_chains(save: str, family: str) -> list[InputChain]:
 _NFT_FAMILIES = {"inet": frozenset({IPV4, IPV6}), "ip": frozenset({IPV4}), "ip6": frozenset({IPV6})}
 _NFT_VERDICTS = ("accept", "drop", "reject", "jump", "goto", "return", "queue")
 _NFT_STATEMENTS = ("counter", "log")  # statements that match every packet
+# Matches that select a family in an inet chain: `meta nfproto ipv6 accept` accepts all of IPv6.
+_NFT_FAMILY_KEYS = {"nfproto": {"ipv4": IPV4, "ipv6": IPV6}, "protocol": {"ip": IPV4, "ip6": IPV6}}
 
 
 def _nft_ports(right: Any) -> set[int]:
@@ -177,11 +183,14 @@ def _nft_rule(rule: dict[str, Any]) -> Rule:
     exprs: list[dict[str, Any]] = rule.get("expr", [])
     verdict: str | None = None
     conditional = False
+    families: frozenset[str] | None = None
     ports: set[int] = set()
     for expr in exprs:
         key = next(iter(expr), "")
         if key in _NFT_VERDICTS:
             verdict = key
+        elif (family := _nft_family(expr)) is not None:
+            families = family if families is None else families & family
         elif key not in _NFT_STATEMENTS:
             conditional = True
         if key == "match":
@@ -191,7 +200,23 @@ def _nft_rule(rule: dict[str, Any]) -> Rule:
                 ports |= _nft_ports(expr["match"].get("right"))
     text = f"nft {rule.get('family')} {rule.get('table')} {rule.get('chain')} rule " \
            f"(handle {rule.get('handle')}): {json.dumps(exprs, separators=(',', ':'))[:200]}"
-    return Rule(text, verdict, not conditional, frozenset(ports) if verdict == "accept" else frozenset())
+    return Rule(text, verdict, not conditional, frozenset(ports) if verdict == "accept" else frozenset(), families)
+
+
+def _nft_family(expr: dict[str, Any]) -> frozenset[str] | None:
+    """The families a `meta nfproto`/`meta protocol` equality match selects; None for any other expression."""
+    match = expr.get("match")
+    if not isinstance(match, dict) or match.get("op", "==") not in ("==", "in"):
+        return None
+    left = match.get("left")
+    meta = left.get("meta", {}) if isinstance(left, dict) else {}
+    names = _NFT_FAMILY_KEYS.get(meta.get("key", "")) if isinstance(meta, dict) else None
+    if names is None:
+        return None
+    right = match.get("right")
+    values = right.get("set", []) if isinstance(right, dict) else right if isinstance(right, list) else [right]
+    picked = [names.get(v) for v in values if isinstance(v, str)]
+    return frozenset(f for f in picked if f is not None) if picked and all(picked) else None
 
 
 def nft_input_chains(ruleset_json: str) -> list[InputChain]:
@@ -231,6 +256,8 @@ def inbound_problems(chains: Iterable[InputChain], family: str) -> list[str]:
     for chain in mine:
         effective = chain.policy
         for rule in chain.rules:
+            if not rule.applies_to(family):
+                continue
             if rule.unconditional and rule.verdict in TERMINAL:
                 effective = rule.verdict
                 if rule.verdict == "accept":

@@ -36,9 +36,10 @@ NETNS_ADDR = {IPV4: ("192.0.2.1", "192.0.2.2/24", "192.0.2.1/24"),
 
 
 def _firewall_service(host: Any, rhel: bool) -> str:
-    names = ("iptables", "firewalld", "nftables") if rhel else ("netfilter-persistent", "nftables", "ufw")
+    names = ("iptables", "firewalld", "nftables") if rhel else ("nftables", "netfilter-persistent", "ufw")
     for name in names:
-        rc, _ = run_rc(host, f"systemctl is-enabled {name}.service", ok=(0, 1))
+        # is-enabled answers 1 for a disabled unit and, on newer systemd, 4 for one that does not exist.
+        rc, _ = run_rc(host, f"systemctl is-enabled {name}.service", ok=(0, 1, 4))
         if rc == 0:
             return name
     raise AssertionError(f"no firewall service enabled (looked for {', '.join(names)})")

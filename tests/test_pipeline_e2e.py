@@ -81,7 +81,9 @@ def test_main_job_registers_in_opennebula(repo_root: Path, shared_cache_dir: Pat
     users = [SimUser("oneadmin", "onepass", 0, 0, "oneadmin"), SimUser("kick", "e2e-Secret-pw", 2, 1, "users")]
     dss = [SimDatastore(0, "system", "SYSTEM"), SimDatastore(1, "default", "IMAGE", safe_dirs=[str(publish)])]
     with OneSim(users=users, datastores=dss, copy_delay=0.5) as sim:
-        res = run_specs(repo_root, shared_cache_dir, "--registry", "opennebula", "--one-datastore", "default",
+        # One image is enough to show the OpenNebula path; the README job above verifies every recipe.
+        res = run_specs(repo_root, shared_cache_dir, "--image", "generic-dev",
+                        "--registry", "opennebula", "--one-datastore", "default",
                         "--one-publish-dir", str(publish),
                         env={"ONE_XMLRPC": sim.endpoint, "ONE_AUTH": str(auth)})
         assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]

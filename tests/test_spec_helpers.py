@@ -219,6 +219,34 @@ def test_nft_accept_without_a_match_fails() -> None:
     assert len(problems) == 1 and problems[0].startswith("IPv6: nft inet filter input accepts everything")
 
 
+def nfproto(*names: str) -> dict[str, object]:
+    right: object = names[0] if len(names) == 1 else {"set": list(names)}
+    return {"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": right}}
+
+
+def test_nft_accept_of_one_family_in_an_inet_chain_opens_that_family_only() -> None:
+    chains = nft_input_chains(nft(chain("inet"), rule("inet", nfproto("ipv6"), ACCEPT), rule("inet", SSH, ACCEPT)))
+    problems = inbound_problems(chains, IPV6)
+    assert len(problems) == 1 and problems[0].startswith("IPv6: nft inet filter input accepts everything")
+    assert inbound_problems(chains, IPV4) == []
+    both = nft_input_chains(nft(chain("inet"), rule("inet", nfproto("ipv4", "ipv6"), COUNTER, ACCEPT)))
+    assert inbound_problems(both, IPV4) and inbound_problems(both, IPV6)
+    protocol = {"match": {"op": "==", "left": {"meta": {"key": "protocol"}}, "right": "ip"}}
+    v4 = nft_input_chains(nft(chain("inet"), rule("inet", protocol, ACCEPT)))
+    assert inbound_problems(v4, IPV4) and inbound_problems(v4, IPV6) == []
+
+
+def test_nft_family_match_with_another_condition_stays_conditional() -> None:
+    chains = nft_input_chains(nft(chain("inet"), rule("inet", nfproto("ipv6"), SSH, ACCEPT)))
+    assert inbound_problems(chains, IPV6) == [] and accepted_tcp_ports(chains) == {22}
+
+
+def test_nft_drop_of_one_family_is_not_a_default_for_the_other() -> None:
+    chains = nft_input_chains(nft(chain("inet", policy="accept"), rule("inet", nfproto("ipv4"), {"drop": None})))
+    assert inbound_problems(chains, IPV4) == []
+    assert "no input chain drops by default" in inbound_problems(chains, IPV6)[0]
+
+
 def test_nft_ip_and_ip6_tables_cover_one_family_each() -> None:
     only_v4 = nft_input_chains(nft(chain("ip"), rule("ip", SSH, ACCEPT)))
     assert inbound_problems(only_v4, IPV4) == []

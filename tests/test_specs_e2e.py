@@ -30,16 +30,18 @@ usermod -p '{USABLE_HASH}' builder
 mkdir -p /etc/ssh/baked /etc/ssh/sshd_config.d
 ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/baked/host_ed25519
 echo 'HostKey /etc/ssh/baked/host_ed25519' > /etc/ssh/sshd_config.d/50-baked.conf
-# Firewall: IPv6 left open by policy; IPv4 opened by an accept-all rule late in the boot.
-sed -i 's/^:INPUT DROP/:INPUT ACCEPT/' /etc/iptables/rules.v6
+# Firewall (the reference images' native nftables ruleset): IPv6 let in by a family match at the
+# top of the input chain; IPv4 opened by an accept-all rule late in the boot.
+sed -i 's/^\\( *\\)ct state established,related accept/\\1meta nfproto ipv6 accept\\n&/' /etc/nftables.conf
+grep -q 'meta nfproto ipv6 accept' /etc/nftables.conf
 cat > /etc/systemd/system/late-open.service <<'EOT'
 [Unit]
 Description=Opens the IPv4 firewall after the rest of the boot
-After=multi-user.target netfilter-persistent.service
+After=multi-user.target nftables.service
 
 [Service]
 Type=oneshot
-ExecStart=/bin/sh -c 'sleep 25; iptables -I INPUT 1 -j ACCEPT'
+ExecStart=/bin/sh -c 'sleep 25; nft insert rule inet filter input meta nfproto ipv4 accept'
 RemainAfterExit=yes
 
 [Install]
@@ -70,8 +72,8 @@ EXPECTED = {
         "serve the same SSH host key from /etc/ssh/baked/host_ed25519", "same host key in the SSH handshake"],
     "test_host_keys_made_at_first_boot": ["predate this boot", "/etc/ssh/baked/host_ed25519"],
     # the accept-all rule is inserted by a unit that runs after SSH answers: only a settled boot shows it
-    "test_inbound_ipv4_dropped_by_default": ["IPv4: iptables filter INPUT accepts everything: -A INPUT -j ACCEPT"],
-    "test_inbound_ipv6_dropped_by_default": ["IPv6: no input chain drops by default (ip6tables filter INPUT → accept)"],
+    "test_inbound_ipv4_dropped_by_default": ["IPv4: nft inet filter input accepts everything", '"ipv4"'],
+    "test_inbound_ipv6_dropped_by_default": ["IPv6: nft inet filter input accepts everything", '"ipv6"'],
     "test_listeners_are_blocked_but_ssh_is_not": [
         "tcp 8080 from the host", "tcp 5432 from the host", "tcp 2375 from the host", "udp over IPv4 from outside",
         "tcp 8080 over IPv6 from outside", "udp over IPv6 from outside"],
