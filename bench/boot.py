@@ -29,9 +29,9 @@ from builder.pipeline import ImageUnderTest, Pipeline  # noqa: E402
 PHASES: dict[str, list[tuple[str, float]]] = {}  # instance name → (phase seen on its console, seconds)
 
 
-def boot(pipeline: Pipeline, image: ImageUnderTest, count: int) -> list[tuple[Instance, float, float]]:
+def boot(pipeline: Pipeline, image: ImageUnderTest, count: int, vcpus: int = 1) -> list[tuple[Instance, float, float]]:
     """Boot count instances at once; (instance, seconds to SSH, seconds to settled) for each."""
-    instances = [pipeline.new_instance(image, label=f"{image.name}-bench{i}") for i in range(count)]
+    instances = [pipeline.new_instance(image, label=f"{image.name}-bench{i}", vcpus=vcpus) for i in range(count)]
     results: list[tuple[Instance, float, float]] = []
     errors: list[BaseException] = []
     started: dict[str, float] = {}
@@ -88,7 +88,10 @@ def describe(inst: Instance) -> None:
     for title, command in (("systemd-analyze", "systemd-analyze time"),
                            ("critical chain to sshd", "systemd-analyze critical-chain ssh.service --no-pager"),
                            ("critical chain (whole boot)", "systemd-analyze critical-chain --no-pager"),
-                           ("slowest units", "systemd-analyze blame --no-pager | head -n 12")):
+                           ("slowest units", "systemd-analyze blame --no-pager | head -n 12"),
+                           ("contextualization (rc-local, monotonic s)",
+                            "journalctl -b -o short-monotonic --no-pager -u rc-local.service -u ssh.service "
+                            "-u ssh-hostkeys.service | tail -n 12")):
         _, out = inst.run(command)
         print(f"  -- {title}")
         for line in out.strip().splitlines():
@@ -108,21 +111,23 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=1, help="repeat each measurement this many times")
     p.add_argument("--no-parallel", action="store_true", help="only the single-instance boot")
     p.add_argument("--serial-dir", type=Path, help="keep each instance's serial console log here")
+    p.add_argument("--vcpus", type=int, default=1, help="vCPUs of each instance (under TCG, one host thread each)")
     args = p.parse_args()
     options = RunOptions(images=(args.image,), cache_dir=args.cache_dir or default_cache_dir(), register=False)
     with Pipeline(options, start_dir=REPO) as pipeline:
         image = pipeline.image(args.image)
         accel = pipeline.hypervisor().domain_type()
-        print(f"kickgate boot benchmark: {args.image} ({image.sha256[:12]}), {accel.upper()}")
+        print(f"kickgate boot benchmark: {args.image} ({image.sha256[:12]}), {accel.upper()}, "
+              f"{args.vcpus} vCPU(s) per instance")
         for run in range(args.runs):
-            (inst, ssh, settled), = boot(pipeline, image, 1)
+            (inst, ssh, settled), = boot(pipeline, image, 1, args.vcpus)
             print(f"\n== one instance (run {run + 1}): SSH login after {ssh:.1f} s, settled after {settled:.1f} s")
             describe(inst)
             keep_serial(inst, args.serial_dir)
             inst.stop()
             if args.no_parallel:
                 continue
-            pair = boot(pipeline, image, 2)
+            pair = boot(pipeline, image, 2, args.vcpus)
             times = ", ".join(f"{ssh:.1f} s (settled {settled:.1f} s)" for _, ssh, settled in pair)
             print(f"\n== two instances in parallel (run {run + 1}): SSH login after {times}; "
                   f"slowest {max(ssh for _, ssh, _ in pair):.1f} s")
