@@ -4,6 +4,7 @@ accounts, firewall rules and the image as built, each shown on the forms real im
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -375,3 +376,17 @@ def test_messages_name_the_file_whose_it_is_and_what_it_holds() -> None:
         "/root/.ssh/authorized_keys (root; 1 key), /var/lib/deploy/.ssh/authorized_keys (deploy, svc; 2 keys)")
     assert name_files({"/root/.bash_history": ["root"]}) == "/root/.bash_history (root)"
     assert name_files({"/etc/x": []}) == "/etc/x"
+
+
+def test_what_is_present_in_the_image_expands_globs_and_keeps_spaces(tmp_path: Path) -> None:
+    from test_pristine import _PRESENT
+
+    (tmp_path / "etc ssh").mkdir()
+    for name in ("ssh_host_ed25519_key", "ssh_host_rsa_key", "ssh_host_rsa_key.pub"):
+        (tmp_path / "etc ssh" / name).write_text("k")
+    (tmp_path / "kickgate").mkdir()
+    args = [f"{tmp_path}/etc ssh/ssh_host_*_key", f"{tmp_path}/kickgate", f"{tmp_path}/anaconda-ks.cfg",
+            f"{tmp_path}/kickgate-post-*.log"]
+    out = subprocess.run(["sh", "-c", _PRESENT, "sh", *args], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [f"{tmp_path}/etc ssh/ssh_host_ed25519_key", f"{tmp_path}/etc ssh/ssh_host_rsa_key",
+                                f"{tmp_path}/kickgate"]
