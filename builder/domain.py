@@ -23,6 +23,9 @@ class Disk:
     # Every disk kickgate attaches is a build's scratch disk or a throwaway overlay, gone with the
     # domain: flushes to the host's storage protect nothing and slow the guest's boot.
     cache: Literal["none", "writeback", "unsafe", "default"] = "unsafe"
+    # What the guest sees as the disk's serial (virtio: /dev/disk/by-id/virtio-<serial>, at most 20
+    # bytes), so a disk attached later is found by name rather than by the order the kernel saw it.
+    serial: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,28 @@ def _disk_targets() -> list[str]:
     return [f"vd{c}" for c in "abcdefgh"]
 
 
+def _disk(parent: ET.Element, disk: Disk, target: str) -> ET.Element:
+    d = _sub(parent, "disk", type="file", device=disk.device)
+    drv = {"name": "qemu", "type": disk.format}
+    if disk.cache != "default" and disk.device == "disk" and not disk.readonly:
+        drv["cache"] = disk.cache  # read-only media are never flushed
+    _sub(d, "driver", **drv)
+    _sub(d, "source", file=str(disk.path))
+    _sub(d, "target", dev=target, bus="ide" if disk.device == "cdrom" else "virtio")
+    if disk.serial is not None:
+        _sub(d, "serial", disk.serial)
+    if disk.readonly or disk.device == "cdrom":
+        _sub(d, "readonly")
+    return d
+
+
+def disk_xml(disk: Disk, target: str) -> str:
+    """One <disk> element, for attaching to a running domain (target: its name in the domain, vdb…)."""
+    el = _disk(ET.Element("devices"), disk, target)
+    ET.indent(el, space="  ")
+    return ET.tostring(el, encoding="unicode") + "\n"
+
+
 def domain_xml(spec: DomainSpec) -> str:
     ET.register_namespace("qemu", QEMU_NS)
     dom = ET.Element("domain", {"type": spec.type})
@@ -108,18 +133,7 @@ def domain_xml(spec: DomainSpec) -> str:
     vd_targets = iter(_disk_targets())
     hd_targets = iter(["hdc", "hdd", "hda", "hdb"])  # cdrom on the secondary IDE master: /dev/sr0
     for disk in spec.disks:
-        d = _sub(devs, "disk", type="file", device=disk.device)
-        drv = {"name": "qemu", "type": disk.format}
-        if disk.cache != "default" and disk.device == "disk" and not disk.readonly:
-            drv["cache"] = disk.cache  # read-only media are never flushed
-        _sub(d, "driver", **drv)
-        _sub(d, "source", file=str(disk.path))
-        if disk.device == "cdrom":
-            _sub(d, "target", dev=next(hd_targets), bus="ide")
-        else:
-            _sub(d, "target", dev=next(vd_targets), bus="virtio")
-        if disk.readonly or disk.device == "cdrom":
-            _sub(d, "readonly")
+        _disk(devs, disk, next(hd_targets) if disk.device == "cdrom" else next(vd_targets))
 
     serial = _sub(devs, "serial", type="file")
     _sub(serial, "source", path=str(spec.serial_log))

@@ -249,6 +249,14 @@ class Hypervisor:
         atomic_write_text(path, json.dumps(record) + "\n")
         return path
 
+    def attach_disk(self, dom: Any, xml: str) -> None:
+        """Hot-plug a disk (disk_xml) into a running domain, for its life only (not its definition)."""
+        try:
+            dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt refused to attach a disk to {dom.name()}: "
+                                  f"{exc.get_error_message()}") from None
+
     def is_active(self, dom: Any) -> bool:
         try:
             return bool(dom.isActive())

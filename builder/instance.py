@@ -4,6 +4,9 @@ An Instance is a context manager. Entering it creates a private 0700 work dir (o
 CD, ephemeral SSH key, serial log), boots the domain with a fresh MAC and SSH forwarded to
 127.0.0.1, and waits until the context key is accepted. Leaving it destroys the domain and
 removes everything, unless it is kept (--keep-instance) so a person can log in and look.
+
+On request (pristine_root) a second, read-only overlay of the same image is hot-plugged and mounted
+read-only in the guest: the image as built, which contextualization and the boot have not touched.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import paramiko
 
 from builder import disk, runstamp
 from builder.context import write_context_iso
-from builder.domain import Disk, DomainSpec, Nic, domain_xml, random_mac
+from builder.domain import Disk, DomainSpec, Nic, disk_xml, domain_xml, random_mac
 from builder.errors import InstanceError
 from builder.hypervisor import Hypervisor
 from builder.sshkey import KeyPair, generate
@@ -41,6 +44,44 @@ INIT_MARKER = "/var/run/kickgate-context-init.done"
 LOGIN_PROMPT_GRACE_S = 60.0
 # After SSH answers, how long the rest of the boot may take before the instance is given to specs.
 SETTLE_TIMEOUT_S = 240.0
+
+# The pristine image in the guest: the hot-plugged disk's serial (virtio: by-id/virtio-<serial>) and
+# where its root filesystem is mounted.
+PRISTINE_SERIAL = "kickgate-pristine"
+PRISTINE_MOUNT = "/run/kickgate-pristine"
+PRISTINE_TARGET = "vdb"  # vda is the instance's own overlay; the context CD is on IDE
+# Finds the partition of the hot-plugged disk that holds the booted root filesystem (same UUID: same
+# image) and mounts it read-only without replaying a journal, so not one byte of the disk is written
+# and no clean-up of the build's last shutdown is done for it. XFS refuses a second filesystem with
+# a mounted one's UUID unless told (nouuid).
+_PRISTINE_MOUNT_SCRIPT = f"""set -eu
+dev=/dev/disk/by-id/virtio-{PRISTINE_SERIAL}
+i=0
+until [ -e "$dev" ]; do
+    i=$((i + 1))
+    if [ "$i" -gt 120 ]; then echo "the hot-plugged disk $dev did not appear within 60s" >&2; exit 3; fi
+    sleep 0.5
+done
+udevadm settle --timeout=30
+root_uuid=$(findmnt -no UUID /)
+part=""
+for p in "$dev"-part*; do
+    [ -e "$p" ] || continue
+    if [ "$(blkid -s UUID -o value "$p" || true)" = "$root_uuid" ]; then part=$p; fi
+done
+if [ -z "$part" ]; then
+    echo "no partition of $dev holds the root filesystem (UUID $root_uuid): $(ls "$dev"* 2>&1)" >&2; exit 3
+fi
+type=$(blkid -s TYPE -o value "$part")
+case $type in
+    ext2|ext3|ext4) opts=ro,noload ;;
+    xfs) opts=ro,norecovery,nouuid ;;
+    *) echo "$part holds $type: no read-only mount without journal replay is known for it" >&2; exit 3 ;;
+esac
+mkdir -p -m 0700 {PRISTINE_MOUNT}
+mount -t "$type" -o "$opts" "$part" {PRISTINE_MOUNT}
+echo "$part ($type, $opts)"
+"""
 
 # Boot phases recognised on the serial console, in order.
 _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -111,6 +152,7 @@ class Instance:
         self._dom: Any = None
         self._ssh: paramiko.SSHClient | None = None
         self._host: Any = None
+        self._pristine: str | None = None  # guest path of the mounted pristine image, once attached
 
     # -- context manager ---------------------------------------------------------------------
 
@@ -328,6 +370,40 @@ class Instance:
     def host_port(self, guest_port: int) -> int:
         return self.forwards[guest_port]
 
+    # -- the image as built ------------------------------------------------------------------
+
+    def pristine_root(self) -> str:
+        """Guest path of the image as built, mounted read-only: what contextualization hides.
+
+        Attached after boot, not at it: two disks with the root filesystem's UUID would make the
+        boot's root=UUID= ambiguous. The disk is an overlay of its own over the same base, opened
+        read-only, so neither the base nor the instance's overlay can change through it.
+        """
+        if self._pristine is not None:
+            return self._pristine
+        if self.workdir is None or self._dom is None:
+            raise InstanceError(self.reached, "the pristine image needs a running instance")
+        overlay = self.workdir / "pristine.qcow2"
+        disk.create_overlay(self.image, overlay, self.image_format)
+        self.hv.attach_disk(self._dom, disk_xml(Disk(overlay, "qcow2", readonly=True, serial=PRISTINE_SERIAL),
+                                                PRISTINE_TARGET))
+        rc, out = self.run(_PRISTINE_MOUNT_SCRIPT, timeout=180)
+        if rc != 0:
+            raise InstanceError(self.reached, f"the image as built could not be mounted read-only in the guest "
+                                              f"(exit status {rc}): {out.strip()[-800:]}", self.serial_tail(20))
+        log.info("%s: image as built mounted read-only at %s from %s", self.name, PRISTINE_MOUNT, out.strip())
+        self._pristine = PRISTINE_MOUNT
+        return self._pristine
+
+    def release_pristine(self) -> None:
+        """Unmount the image as built (the disk and its overlay go with the domain and the work dir)."""
+        if self._pristine is None or self._ssh is None:
+            return
+        rc, out = self.run(f"umount {PRISTINE_MOUNT} && rmdir {PRISTINE_MOUNT}", timeout=60)
+        if rc != 0:
+            log.warning("%s: could not unmount %s: %s", self.name, PRISTINE_MOUNT, out.strip())
+        self._pristine = None
+
     # -- stop --------------------------------------------------------------------------------
 
     def _close_ssh(self) -> None:
@@ -341,6 +417,7 @@ class Instance:
 
     def stop(self) -> None:
         keep = self.options.keep == "always" or (self.options.keep == "on-failure" and self.failed)
+        self._pristine = None  # the mount ends with the domain; a kept one keeps it for a person to look at
         self._close_ssh()
         if self.on_stop is not None and self.workdir is not None:
             try:

@@ -450,6 +450,13 @@ def host(instance: Instance) -> Any:
     return instance.host
 
 
+@pytest.fixture(scope=_instance_scope)  # type: ignore[arg-type]
+def pristine(instance: Instance) -> Iterator[str]:
+    """Guest path (in the instance) of the image as built, mounted read-only: what no boot has touched."""
+    yield instance.pristine_root()
+    instance.release_pristine()
+
+
 @pytest.fixture
 def instance_factory(kickgate: Pipeline, built_image: ImageUnderTest) -> Iterator[Callable[..., Instance]]:
     """Boot more instances of the same image (e.g. to compare clones); all torn down after the test."""

@@ -1,4 +1,5 @@
-"""Pure judgements the specs make from what the guest reports: accounts and inbound firewall rules.
+"""Pure judgements the specs make from what the guest reports: accounts, inbound firewall rules, and what
+the image as built holds (authorized keys, shell history).
 
 Kept apart from the specs so each rule of judgement is unit-tested without a guest.
 """
@@ -6,8 +7,10 @@ Kept apart from the specs so each rule of judgement is unit-tested without a gue
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,3 +276,111 @@ def inbound_problems(chains: Iterable[InputChain], family: str) -> list[str]:
 
 def accepted_tcp_ports(chains: Iterable[InputChain]) -> set[int]:
     return set().union(*(r.accepts_tcp_ports for c in chains for r in c.rules))
+
+
+# -- the image as built -----------------------------------------------------------------------
+
+# What sshd reads when AuthorizedKeysFile is not set (and what many a build script writes anyway).
+DEFAULT_AUTHORIZED_KEYS = (".ssh/authorized_keys", ".ssh/authorized_keys2")
+# Files that keep what a person or a script typed: commands with passwords, tokens, hosts.
+HISTORY_FILES = (".bash_history", ".zsh_history", ".sh_history", ".python_history", ".lesshst", ".viminfo",
+                 ".mysql_history", ".psql_history")
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: str
+    home: str
+
+
+def passwd_accounts(passwd: str) -> list[Account]:
+    """Every account of an /etc/passwd file, root included; lines that are not entries are skipped."""
+    accounts = []
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 7 and parts[0] and not parts[0].startswith(("#", "+", "-")):
+            accounts.append(Account(parts[0], parts[2], parts[5]))
+    return accounts
+
+
+def authorized_keys_patterns(sshd_t: str) -> list[str]:
+    """AuthorizedKeysFile patterns from `sshd -T`, followed by OpenSSH's defaults.
+
+    The defaults are always looked at: a key there is live as soon as a context or a later
+    configuration goes back to them. `none` names no file.
+    """
+    patterns: list[str] = []
+    for line in sshd_t.splitlines():
+        words = line.split()
+        if words and words[0].lower() == "authorizedkeysfile":
+            patterns += [w for w in words[1:] if w != "none"]
+    return list(dict.fromkeys([*patterns, *DEFAULT_AUTHORIZED_KEYS]))
+
+
+_TOKEN = re.compile(r"%(.?)", re.DOTALL)
+
+
+def expand_keys_pattern(pattern: str, account: Account) -> str:
+    """The file an AuthorizedKeysFile pattern names for account, as sshd expands it.
+
+    %h is the home, %u the name, %U the uid, %% a percent sign; a relative result is relative to
+    the home. Any other token is an error: guessing would check a file sshd never reads.
+    """
+    def token(m: re.Match[str]) -> str:
+        values = {"%": "%", "h": account.home, "u": account.name, "U": account.uid}
+        if m.group(1) not in values:  # also a lone % at the end
+            raise ValueError(f"AuthorizedKeysFile {pattern!r}: unknown token %{m.group(1)}")
+        return values[m.group(1)]
+
+    path = _TOKEN.sub(token, pattern)
+    return posixpath.normpath(posixpath.join(account.home or "/", path))
+
+
+def authorized_keys_files(accounts: Iterable[Account], patterns: Sequence[str]) -> dict[str, list[str]]:
+    """path → the accounts whose keys sshd would read from it, for every account and pattern."""
+    files: dict[str, list[str]] = {}
+    for account in accounts:
+        for pattern in patterns:
+            owners = files.setdefault(expand_keys_pattern(pattern, account), [])
+            if account.name not in owners:
+                owners.append(account.name)
+    return files
+
+
+def key_lines(text: str) -> list[str]:
+    """The lines of an authorized_keys file that sshd reads as keys: not blank, not comments."""
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def has_content(text: str) -> bool:
+    """A file holds something (a history of only blank lines holds nothing)."""
+    return bool(text.strip())
+
+
+def home_files(accounts: Iterable[Account], names: Iterable[str]) -> dict[str, list[str]]:
+    """path → accounts, for each name in the home of every account (root's /root however passwd puts it)."""
+    names = list(names)
+    files: dict[str, list[str]] = {}
+    homes = [(a.name, a.home or "/") for a in accounts] + [("root", "/root")]
+    for owner, home in homes:
+        for name in names:
+            owners = files.setdefault(posixpath.normpath(posixpath.join(home, name)), [])
+            if owner not in owners:
+                owners.append(owner)
+    return files
+
+
+def name_files(found: Mapping[str, Sequence[str]], details: Mapping[str, str] | None = None) -> str:
+    """"path (account, …; detail)" for each file, in path order: which file, whose, and what is in it."""
+    parts = []
+    for path in sorted(found):
+        said = [", ".join(found[path])] if found[path] else []
+        if details and path in details:
+            said.append(details[path])
+        parts.append(f"{path} ({'; '.join(said)})" if said else path)
+    return ", ".join(parts)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

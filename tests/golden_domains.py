@@ -1,10 +1,11 @@
-"""The domain specs whose XML is kept in tests/golden/ (compared by test_domain.py, written by update_golden.py)."""
+"""The domain specs and single disks whose XML is kept in tests/golden/ (compared by test_domain.py, written by
+update_golden.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from builder.domain import Disk, DomainSpec, Nic
+from builder.domain import Disk, DomainSpec, Nic, disk_xml, domain_xml
 
 GOLDEN = Path(__file__).parent / "golden"
 MAC = "52:54:00:12:34:56"
@@ -34,5 +35,24 @@ SPECS: dict[str, DomainSpec] = {
 }
 
 
+# Disks attached to a running domain: (disk, target in the domain).
+DISKS: dict[str, tuple[Disk, str]] = {
+    # An instance's pristine view of its image: a read-only overlay the guest finds by its serial.
+    "pristine": (Disk(Path("/tmp/kg-inst-generic-dev-abc/pristine.qcow2"), "qcow2", readonly=True,
+                      serial="kickgate-pristine"), "vdb"),
+}
+
+
 def golden_path(name: str, directory: Path | None = None) -> Path:
     return (directory or GOLDEN) / f"domain-{name}.xml"
+
+
+def golden_disk_path(name: str, directory: Path | None = None) -> Path:
+    return (directory or GOLDEN) / f"disk-{name}.xml"
+
+
+def golden_files(directory: Path | None = None) -> dict[Path, str]:
+    """Every golden file (under directory, default GOLDEN) and the XML it must hold."""
+    files = {golden_path(n, directory): domain_xml(s) for n, s in SPECS.items()}
+    files.update({golden_disk_path(n, directory): disk_xml(d, t) for n, (d, t) in DISKS.items()})
+    return files

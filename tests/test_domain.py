@@ -16,10 +16,10 @@ from typing import Any
 
 import golden_domains
 import pytest
-from golden_domains import GOLDEN, MAC, SPECS, golden_path
+from golden_domains import DISKS, GOLDEN, MAC, SPECS, golden_disk_path, golden_files, golden_path
 
 from builder import domain
-from builder.domain import NIC_PCI_ADDR, QEMU_NS, DomainSpec, Nic, domain_xml, random_mac
+from builder.domain import NIC_PCI_ADDR, QEMU_NS, Disk, DomainSpec, Nic, disk_xml, domain_xml, random_mac
 from conftest import Need
 
 Q = f"{{{QEMU_NS}}}"
@@ -27,12 +27,20 @@ Q = f"{{{QEMU_NS}}}"
 
 def test_every_golden_file_is_used() -> None:
     assert sorted(p.stem for p in GOLDEN.glob("domain-*.xml")) == sorted(f"domain-{n}" for n in SPECS)
+    assert sorted(p.stem for p in GOLDEN.glob("disk-*.xml")) == sorted(f"disk-{n}" for n in DISKS)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_domain_xml_matches_golden(name: str) -> None:
     golden = golden_path(name)
     assert domain_xml(SPECS[name]) == golden.read_text(), \
+        f"{golden} differs; if the change is meant, run python tests/update_golden.py and review the diff"
+
+
+@pytest.mark.parametrize("name", sorted(DISKS))
+def test_disk_xml_matches_golden(name: str) -> None:
+    golden = golden_disk_path(name)
+    assert disk_xml(*DISKS[name]) == golden.read_text(), \
         f"{golden} differs; if the change is meant, run python tests/update_golden.py and review the diff"
 
 
@@ -50,13 +58,18 @@ def test_a_differing_golden_file_fails_and_is_left_alone(monkeypatch: pytest.Mon
 
 def test_update_golden_writes_what_the_test_compares(repo_root: Path, tmp_path: Path) -> None:
     (tmp_path / "domain-gone.xml").write_text("<domain/>\n")
+    (tmp_path / "disk-gone.xml").write_text("<disk/>\n")
     (tmp_path / f"domain-{sorted(SPECS)[0]}.xml").write_text("<domain/>\n")
     res = subprocess.run([sys.executable, str(repo_root / "tests" / "update_golden.py"), "--golden-dir",
                           str(tmp_path)], capture_output=True, text=True, timeout=60, check=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"domain-{n}.xml" for n in SPECS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"domain-{n}.xml" for n in SPECS] + [f"disk-{n}.xml" for n in DISKS])
     for name, spec in SPECS.items():
         assert (tmp_path / f"domain-{name}.xml").read_text() == domain_xml(spec)
-    assert "removed" in res.stdout and "domain-gone.xml" in res.stdout
+    for name, (disk, target) in DISKS.items():
+        assert (tmp_path / f"disk-{name}.xml").read_text() == disk_xml(disk, target)
+    assert golden_files(tmp_path) == {p: p.read_text() for p in tmp_path.iterdir()}
+    assert "removed" in res.stdout and "domain-gone.xml" in res.stdout and "disk-gone.xml" in res.stdout
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +94,31 @@ def define(conn: Any, xml: str) -> None:
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_domain_xml_accepted_by_libvirt(name: str, libvirt_test_conn: Any) -> None:
     define(libvirt_test_conn, domain_xml(SPECS[name]))
+
+
+@pytest.mark.parametrize("name", sorted(DISKS))
+def test_disk_xml_accepted_by_libvirt(name: str, libvirt_test_conn: Any) -> None:
+    # libvirt validates a device against the domain schema: the disk goes into a domain's devices.
+    xml = domain_xml(SPECS["disk-boot-qemu"]).replace("<devices>", "<devices>\n" + disk_xml(*DISKS[name]), 1)
+    assert xml.count('<disk type="file"') == 3
+    define(libvirt_test_conn, xml)
+
+
+def test_pristine_disk_is_read_only_and_named_by_its_serial() -> None:
+    disk, target = DISKS["pristine"]
+    el = ET.fromstring(disk_xml(disk, target))
+    assert el.attrib == {"type": "file", "device": "disk"}
+    assert el.find("readonly") is not None
+    # Read-only: no cache mode, nothing is ever flushed.
+    assert el.find("driver").attrib == {"name": "qemu", "type": "qcow2"}  # type: ignore[union-attr]
+    assert el.find("target").attrib == {"dev": "vdb", "bus": "virtio"}  # type: ignore[union-attr]
+    assert el.findtext("serial") == "kickgate-pristine"
+
+
+def test_a_disk_without_serial_has_no_serial_element() -> None:
+    el = ET.fromstring(disk_xml(Disk(Path("/tmp/x.qcow2")), "vdc"))
+    assert el.find("serial") is None and el.find("readonly") is None
+    assert el.find("driver").attrib["cache"] == "unsafe"  # type: ignore[union-attr]
 
 
 def test_libvirt_validation_is_real(libvirt_test_conn: Any) -> None:

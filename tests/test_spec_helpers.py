@@ -1,9 +1,10 @@
 """The specs' own building blocks: guest commands that cannot pass vacuously, and the judgements of
-accounts and firewall rules, each shown on the forms real images produce."""
+accounts, firewall rules and the image as built, each shown on the forms real images produce."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "specs"))
 
 from guestcmd import GuestCommandError, has_tool, run, run_rc
 from judgements import (
+    DEFAULT_AUTHORIZED_KEYS,
+    HISTORY_FILES,
     IPV4,
     IPV6,
+    Account,
     accepted_tcp_ports,
+    authorized_keys_files,
+    authorized_keys_patterns,
+    expand_keys_pattern,
+    has_content,
+    home_files,
     inbound_problems,
     iptables_input_chains,
+    key_lines,
+    name_files,
     nft_input_chains,
+    passwd_accounts,
     password_problems,
+    plural,
 )
 
 # -- guest commands ---------------------------------------------------------------------------
@@ -280,3 +293,100 @@ def test_nft_ssh_in_a_set() -> None:
                        "right": {"set": [22, 443, {"range": [8000, 8002]}]}}}
     assert accepted_tcp_ports(nft_input_chains(nft(chain("inet"), rule("inet", ports, ACCEPT)))) == {
         22, 443, 8000, 8001, 8002}
+
+
+# -- the image as built -----------------------------------------------------------------------
+
+ROOT = Account("root", "0", "/root")
+DEPLOY = Account("deploy", "998", "/var/lib/deploy")
+
+
+def test_every_passwd_entry_is_an_account_with_its_home() -> None:
+    passwd = ("root:x:0:0:root:/root:/bin/bash\n# a comment\n\nsshd:x:105:65534::/run/sshd:/usr/sbin/nologin\n"
+              "+nis\nbroken:x:1\nnohome:x:1001:1001:::/bin/sh\n")
+    assert passwd_accounts(passwd) == [ROOT, Account("sshd", "105", "/run/sshd"), Account("nohome", "1001", "")]
+
+
+def test_sshd_patterns_come_first_then_the_defaults_once() -> None:
+    sshd_t = "port 22\nauthorizedkeysfile .ssh/authorized_keys /etc/ssh/keys/%u\nhostkey /etc/ssh/k\n"
+    assert authorized_keys_patterns(sshd_t) == [".ssh/authorized_keys", "/etc/ssh/keys/%u", ".ssh/authorized_keys2"]
+
+
+def test_none_names_no_file_but_the_defaults_are_still_looked_at() -> None:
+    # A key in the default place goes live as soon as a context or a later configuration sets it back.
+    assert authorized_keys_patterns("authorizedkeysfile none\n") == list(DEFAULT_AUTHORIZED_KEYS)
+    assert authorized_keys_patterns("") == list(DEFAULT_AUTHORIZED_KEYS)
+
+
+@pytest.mark.parametrize(("pattern", "path"), [
+    (".ssh/authorized_keys", "/var/lib/deploy/.ssh/authorized_keys"),
+    ("%h/.ssh/keys", "/var/lib/deploy/.ssh/keys"),
+    ("/etc/ssh/authorized_keys/%u", "/etc/ssh/authorized_keys/deploy"),
+    ("/etc/ssh/keys/%U.pub", "/etc/ssh/keys/998.pub"),
+    ("/etc/ssh/100%%/%u", "/etc/ssh/100%/deploy"),
+    ("../shared/keys", "/var/lib/shared/keys"),
+])
+def test_patterns_expand_as_sshd_does(pattern: str, path: str) -> None:
+    assert expand_keys_pattern(pattern, DEPLOY) == path
+
+
+@pytest.mark.parametrize("pattern", ["/etc/ssh/%i", "/etc/ssh/keys%"])
+def test_a_token_sshd_would_not_expand_here_is_an_error_not_a_guess(pattern: str) -> None:
+    with pytest.raises(ValueError, match="unknown token"):
+        expand_keys_pattern(pattern, DEPLOY)
+
+
+def test_an_account_without_a_home_looks_at_the_root_directory() -> None:
+    assert expand_keys_pattern(".ssh/authorized_keys", Account("x", "5", "")) == "/.ssh/authorized_keys"
+
+
+def test_every_account_and_pattern_names_a_file_with_whose_it_is() -> None:
+    shared = Account("svc", "997", "/var/lib/deploy")  # two accounts, one home
+    files = authorized_keys_files([ROOT, DEPLOY, shared], [".ssh/authorized_keys", "/etc/ssh/keys/%u"])
+    assert files == {"/root/.ssh/authorized_keys": ["root"], "/etc/ssh/keys/root": ["root"],
+                     "/var/lib/deploy/.ssh/authorized_keys": ["deploy", "svc"], "/etc/ssh/keys/deploy": ["deploy"],
+                     "/etc/ssh/keys/svc": ["svc"]}
+
+
+def test_only_key_lines_count() -> None:
+    assert key_lines("") == []
+    assert key_lines("\n   \n# kickgate: keys come from the context\n  # indented comment\n") == []
+    text = "# ops\nssh-ed25519 AAAAC3 ops@example\n\nfrom=\"10.0.0.1\" ssh-rsa AAAAB3 backup\n"
+    assert key_lines(text) == ["ssh-ed25519 AAAAC3 ops@example", 'from="10.0.0.1" ssh-rsa AAAAB3 backup']
+
+
+def test_a_history_of_blank_lines_holds_nothing() -> None:
+    assert not has_content("")
+    assert not has_content("\n \n\t\n")
+    assert has_content("curl -u admin:hunter2 https://repo\n")
+
+
+def test_history_files_are_looked_for_in_every_home_and_in_root() -> None:
+    files = home_files([Account("root", "0", "/"), DEPLOY], [".bash_history"])
+    # root's home in this passwd is /, and /root is looked at anyway
+    assert files == {"/.bash_history": ["root"], "/var/lib/deploy/.bash_history": ["deploy"],
+                     "/root/.bash_history": ["root"]}
+    assert set(HISTORY_FILES) >= {".bash_history", ".zsh_history", ".python_history", ".lesshst", ".viminfo"}
+
+
+def test_messages_name_the_file_whose_it_is_and_what_it_holds() -> None:
+    found = {"/var/lib/deploy/.ssh/authorized_keys": ["deploy", "svc"], "/root/.ssh/authorized_keys": ["root"]}
+    assert name_files(found, {"/root/.ssh/authorized_keys": plural(1, "key"),
+                              "/var/lib/deploy/.ssh/authorized_keys": plural(2, "key")}) == (
+        "/root/.ssh/authorized_keys (root; 1 key), /var/lib/deploy/.ssh/authorized_keys (deploy, svc; 2 keys)")
+    assert name_files({"/root/.bash_history": ["root"]}) == "/root/.bash_history (root)"
+    assert name_files({"/etc/x": []}) == "/etc/x"
+
+
+def test_what_is_present_in_the_image_expands_globs_and_keeps_spaces(tmp_path: Path) -> None:
+    from test_pristine import _PRESENT
+
+    (tmp_path / "etc ssh").mkdir()
+    for name in ("ssh_host_ed25519_key", "ssh_host_rsa_key", "ssh_host_rsa_key.pub"):
+        (tmp_path / "etc ssh" / name).write_text("k")
+    (tmp_path / "kickgate").mkdir()
+    args = [f"{tmp_path}/etc ssh/ssh_host_*_key", f"{tmp_path}/kickgate", f"{tmp_path}/anaconda-ks.cfg",
+            f"{tmp_path}/kickgate-post-*.log"]
+    out = subprocess.run(["sh", "-c", _PRESENT, "sh", *args], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == [f"{tmp_path}/etc ssh/ssh_host_ed25519_key", f"{tmp_path}/etc ssh/ssh_host_rsa_key",
+                                f"{tmp_path}/kickgate"]

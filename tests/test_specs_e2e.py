@@ -30,6 +30,23 @@ usermod -p '{USABLE_HASH}' builder
 mkdir -p /etc/ssh/baked /etc/ssh/sshd_config.d
 ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/baked/host_ed25519
 echo 'HostKey /etc/ssh/baked/host_ed25519' > /etc/ssh/sshd_config.d/50-baked.conf
+# The image as built (contextualization hides or never looks): root trusts a build key, which the
+# context's key replaces at every boot; a service account outside /home and a per-user key file
+# that the configuration adds trust it too; the installer's answers and a shell history stay.
+ssh-keygen -q -t ed25519 -N '' -C build@kickgate -f /tmp/build_key
+mkdir -p -m 700 /root/.ssh
+{{ echo '# build access'; cat /tmp/build_key.pub; }} > /root/.ssh/authorized_keys
+useradd -m -d /var/lib/deploy -s /bin/sh deploy
+mkdir -p -m 700 /var/lib/deploy/.ssh
+cp /tmp/build_key.pub /var/lib/deploy/.ssh/authorized_keys
+echo 'AuthorizedKeysFile .ssh/authorized_keys .ssh/authorized_keys2 /etc/ssh/authorized_keys/%u' \
+    >> /etc/ssh/sshd_config.d/50-baked.conf
+mkdir -p /etc/ssh/authorized_keys
+cp /tmp/build_key.pub /etc/ssh/authorized_keys/builder
+rm -f /tmp/build_key /tmp/build_key.pub
+printf 'lang=en_US.UTF-8\nversion=bookworm\n' > /root/anaconda-ks.cfg
+printf 'curl -u deploy:build-time https://repo.example/upload\n' > /var/lib/deploy/.bash_history
+printf 'import os\n' > /root/.python_history
 # Firewall (the reference images' native nftables ruleset): IPv6 let in by a family match at the
 # top of the input chain; IPv4 opened by an accept-all rule late in the boot.
 sed -i 's/^\\( *\\)ct state established,related accept/\\1meta nfproto ipv6 accept\\n&/' /etc/nftables.conf
@@ -74,6 +91,14 @@ EXPECTED = {
     # the accept-all rule is inserted by a unit that runs after SSH answers: only a settled boot shows it
     "test_inbound_ipv4_dropped_by_default": ["IPv4: nft inet filter input accepts everything", '"ipv4"'],
     "test_inbound_ipv6_dropped_by_default": ["IPv6: nft inet filter input accepts everything", '"ipv6"'],
+    # the image as built: root's baked key is gone from the booted instance, the others are outside
+    # where the booted spec looks (/home and /root)
+    "test_no_authorized_keys_in_the_image_as_built": [
+        "/root/.ssh/authorized_keys (root; 1 key)", "/var/lib/deploy/.ssh/authorized_keys (deploy; 1 key)",
+        "/etc/ssh/authorized_keys/builder (builder; 1 key)"],
+    "test_no_installer_answer_file": ["installer's answers: /root/anaconda-ks.cfg"],
+    "test_no_build_secret": ["private SSH host keys baked in: /etc/ssh/baked/host_ed25519"],
+    "test_no_shell_history": ["/root/.python_history (root)", "/var/lib/deploy/.bash_history (deploy)"],
     "test_listeners_are_blocked_but_ssh_is_not": [
         "tcp 8080 from the host", "tcp 5432 from the host", "tcp 2375 from the host", "udp over IPv4 from outside",
         "tcp 8080 over IPv6 from outside", "udp over IPv6 from outside"],

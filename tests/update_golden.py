@@ -1,4 +1,4 @@
-"""Rewrite the golden domain XML files from tests/golden_domains.py: python tests/update_golden.py
+"""Rewrite the golden domain and disk XML files from tests/golden_domains.py: python tests/update_golden.py
 
 The tests only compare; run this when a change to the XML is meant, then review `git diff tests/golden`.
 """
@@ -11,23 +11,21 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent.parent)]
 
-from golden_domains import GOLDEN, SPECS, golden_path  # noqa: E402
-
-from builder.domain import domain_xml  # noqa: E402
+import golden_domains  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--golden-dir", type=Path, default=GOLDEN, help=f"default: {GOLDEN}")
+    parser.add_argument("--golden-dir", type=Path, default=golden_domains.GOLDEN,
+                        help=f"default: {golden_domains.GOLDEN}")
     golden = parser.parse_args().golden_dir
     golden.mkdir(exist_ok=True)
-    stale = set(golden.glob("domain-*.xml")) - {golden_path(n, golden) for n in SPECS}
+    files = golden_domains.golden_files(golden)
+    stale = {*golden.glob("domain-*.xml"), *golden.glob("disk-*.xml")} - set(files)
     for path in sorted(stale):
         path.unlink()
         print(f"removed {path}")
-    for name, spec in sorted(SPECS.items()):
-        path = golden_path(name, golden)
-        xml = domain_xml(spec)
+    for path, xml in sorted(files.items()):
         if not path.is_file() or path.read_text() != xml:
             path.write_text(xml)
             print(f"wrote {path}")
