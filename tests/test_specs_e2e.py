@@ -64,6 +64,13 @@ RemainAfterExit=yes
 [Install]
 WantedBy=multi-user.target
 EOT
+# Swap: a swap file in fstab, active at every boot.
+fallocate -l 32M /swapfile && chmod 600 /swapfile && mkswap /swapfile
+echo '/swapfile none swap sw 0 0' >> /etc/fstab
+# Persistent naming: the build NIC's MAC pinned to eth0 by a udev rule.
+mac=$(cat /sys/class/net/eth0/address)
+echo "SUBSYSTEM==\\"net\\", ACTION==\\"add\\", ATTR{{address}}==\\"$mac\\", NAME=\\"eth0\\"" \\
+    > /etc/udev/rules.d/70-persistent-net.rules
 # Boot: a unit that fails, so the system ends up degraded.
 cat > /etc/systemd/system/flawed-agent.service <<'EOT'
 [Unit]
@@ -99,6 +106,12 @@ EXPECTED = {
     "test_no_installer_answer_file": ["installer's answers: /root/anaconda-ks.cfg"],
     "test_no_build_secret": ["private SSH host keys baked in: /etc/ssh/baked/host_ed25519"],
     "test_no_shell_history": ["/root/.python_history (root)", "/var/lib/deploy/.bash_history (deploy)"],
+    "test_no_active_swap": ["swap is active on the instance", "/swapfile"],
+    "test_no_swap_in_fstab": ["/etc/fstab mounts swap"],
+    "test_no_swap_partitions_or_files": ["/swapfile"],
+    "test_no_systemd_swap_units": ["swapfile.swap"],
+    "test_no_persistent_net_rules": ["70-persistent-net.rules exists"],
+    "test_no_mac_pinned_in_network_configs": ["MAC", "70-persistent-net.rules"],
     "test_listeners_are_blocked_but_ssh_is_not": [
         "tcp 8080 from the host", "tcp 5432 from the host", "tcp 2375 from the host", "udp over IPv4 from outside",
         "tcp 8080 over IPv6 from outside", "udp over IPv6 from outside"],
