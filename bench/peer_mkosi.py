@@ -327,7 +327,9 @@ def measure(image: str, root: Path, incremental: bool = False) -> dict[str, Peer
     recipe = load_recipe(image)
     confdir = root / "conf"
     cache = root / "package-cache"
-    cache.mkdir(exist_ok=True)
+    for stale in (confdir, cache, root / "workspace"):  # a kept directory from an earlier run is not cold
+        shutil.rmtree(stale, ignore_errors=True)
+    cache.mkdir()
     write_config(recipe, confdir, cache, confdir / "out", root / "workspace")
     (confdir / "out").mkdir(exist_ok=True)
     (root / "workspace").mkdir(exist_ok=True)  # under root: removed with it even if mkosi is killed
