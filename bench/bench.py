@@ -91,7 +91,7 @@ def report(label: str, result: dict[str, Any]) -> None:
 def _ratio(kg: float | None, peer: float | None) -> str:
     if kg is None or peer is None or peer < 0.05 or kg < 0.05:
         return "-"
-    return f"{kg / peer:6.2f}x"
+    return f"{kg / peer:.3g}x"
 
 
 def _cell(v: float | None) -> str:
@@ -103,10 +103,9 @@ def side_by_side(cold: dict[str, Any] | None, warm: dict[str, Any] | None, peer:
     print("\n== side by side: build, kickgate vs mkosi (ratio = kickgate / mkosi; below 1: kickgate faster) ==")
     print(f"  {'stage':<34}{'kickgate s':>10}{'mkosi s':>10}{'ratio':>9}")
     rec = cold["record"] if cold else None
-    names = {"mmdebstrap": "packages (mmdebstrap / debootstrap+apt, initramfs)",
-             "configure": "configure", "disk": "disk (partition, mkfs, mounts)",
-             "finish-vm": "finish (finish VM / finalize chroot)", "convert": "convert (qcow2)",
-             "checksum": "checksum", "other": "other (tool overhead)"}
+    names = {"mmdebstrap": "packages (+ initramfs)", "configure": "configure", "disk": "disk",
+             "finish-vm": "finish (VM / chroot)", "convert": "convert (qcow2)", "checksum": "checksum",
+             "other": "other (tool overhead)"}
     for stage in (*BUILD_STAGES, "other"):
         kg: float | None = None
         if rec is not None:
@@ -123,6 +122,9 @@ def side_by_side(cold: dict[str, Any] | None, warm: dict[str, Any] | None, peer:
     kg_warm = warm["gate"]["timings"]["image_seconds"] if warm else None
     print(f"  {'WARM build (same command again)':<34}{_cell(kg_warm)}{_cell(peer['warm'].wall)}"
           f"{_ratio(kg_warm, peer['warm'].wall):>9}")
+    if warm is not None and warm.get("build_only"):
+        print(f"  {'WARM wall (whole command)':<34}{_cell(warm['wall'])}{_cell(peer['warm'].wall)}"
+              f"{_ratio(warm['wall'], peer['warm'].wall):>9}")
     if "incremental" in peer:
         print(f"  {'mkosi --incremental (2nd run)':<34}{_cell(None)}{_cell(peer['incremental'].wall)}{'-':>9}")
     print("\n  cold, kickgate: an empty --cache-dir (no image, no mmdebstrap tree); mmdebstrap downloads every")
