@@ -183,7 +183,8 @@ def main() -> int:
                 if args.peer_boot:
                     image = peer["warm"].image
                     assert image is not None
-                    boot = peer_mkosi.boot_to_login(image)
+                    serial = work / "mkosi-boot-serial.log" if args.runs_dir else None
+                    boot = peer_mkosi.boot_to_login(image, keep_serial=serial)
         accel = "KVM" if cold and cold["record"]["domain_type"] == "kvm" else "TCG"
         print(f"kickgate benchmark: {args.image}, {os.cpu_count()} cores, "
               f"{accel if cold else 'kickgate not run'}{f', peer mkosi {version}' if args.peer else ''}")
