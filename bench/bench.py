@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,33 @@ from peer_mkosi import PeerRun  # noqa: E402
 BUILD_STAGES = ("mmdebstrap", "configure", "disk", "finish-vm", "convert", "checksum")
 
 
+def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a pass; if the bench is interrupted, the pass is stopped too and left time to clean up.
+
+    A bench killed with SIGTERM would otherwise leave its kickgate build running, booting its
+    finish VM outside whatever lock the bench was started under.
+    """
+    with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            try:
+                proc.wait(timeout=2)  # Ctrl-C reached it as well
+            except subprocess.TimeoutExpired:
+                proc.terminate()  # kickgate and pytest stop their guests and remove their files on SIGTERM
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def run_pass(label: str, image: str, cache: Path, work: Path) -> dict[str, Any]:
     artifacts = work / f"{label}-artifacts"
     registry = work / f"{label}-registry"
@@ -43,7 +71,7 @@ def run_pass(label: str, image: str, cache: Path, work: Path) -> dict[str, Any]:
     argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "specs/", "--image", image,
             "--registry-dir", str(registry), "--artifacts-dir", str(artifacts)]
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    proc = _run(argv, env)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-2000:])
@@ -57,7 +85,7 @@ def run_build(label: str, image: str, cache: Path) -> dict[str, Any]:
     """`kickgate build --json`: the build alone, its record's stage timings, no verify or register."""
     argv = [sys.executable, "-m", "builder.cli", "--cache-dir", str(cache), "build", image, "--json"]
     start = time.monotonic()
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=False)
+    proc = _run(argv, dict(os.environ))
     wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -152,6 +180,7 @@ def main() -> int:
     p.add_argument("--peer-incremental", action="store_true", help="also time mkosi --incremental (2 more builds)")
     p.add_argument("--peer-boot", action="store_true", help="boot the peer's image once to a login prompt")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, _sigterm)  # stop the running pass and clean up, as Ctrl-C does
     if (args.peer_only or args.peer_incremental or args.peer_boot) and not args.peer:
         p.error("--peer-only, --peer-incremental and --peer-boot need --peer mkosi")
     if args.peer:
@@ -184,7 +213,8 @@ def main() -> int:
                     image = peer["warm"].image
                     assert image is not None
                     serial = work / "mkosi-boot-serial.log" if args.runs_dir else None
-                    boot = peer_mkosi.boot_to_login(image, keep_serial=serial)
+                    kvm = cold is not None and cold["record"]["domain_type"] == "kvm"
+                    boot = peer_mkosi.boot_to_login(image, keep_serial=serial, accel="kvm" if kvm else "tcg")
         accel = "KVM" if cold and cold["record"]["domain_type"] == "kvm" else "TCG"
         print(f"kickgate benchmark: {args.image}, {os.cpu_count()} cores, "
               f"{accel if cold else 'kickgate not run'}{f', peer mkosi {version}' if args.peer else ''}")
@@ -195,8 +225,7 @@ def main() -> int:
             peer_mkosi.print_runs(peer)
             side_by_side(cold, warm, peer)
             if boot is not None:
-                print(f"\n  mkosi image boot to login prompt: {boot:.1f} s (one boot, QEMU "
-                      f"{'KVM' if os.access('/dev/kvm', os.W_OK) else 'TCG'})")
+                print(f"\n  mkosi image boot to login prompt: {boot:.1f} s (one boot, QEMU {accel if cold else 'TCG'})")
     finally:
         if not args.runs_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -204,4 +233,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
