@@ -129,7 +129,10 @@ def _cell(v: float | None) -> str:
 def side_by_side(cold: dict[str, Any] | None, warm: dict[str, Any] | None, peer: dict[str, PeerRun]) -> None:
     """Build stage by stage: kickgate's build record against mkosi's timed steps, ratio kickgate/mkosi."""
     print("\n== side by side: build, kickgate vs mkosi (ratio = kickgate / mkosi; below 1: kickgate faster) ==")
-    print(f"  {'stage':<34}{'kickgate s':>10}{'mkosi s':>10}{'ratio':>9}")
+    extra = [k for k in ("warm", "incremental") if k in peer]  # mkosi's other passes, stage by stage
+    heads = {"warm": "mk warm*", "incremental": "mk incr"}
+    print(f"  {'stage':<34}{'kickgate s':>10}{'mkosi s':>10}{'ratio':>9}"
+          + "".join(f"{heads[k]:>10}" for k in extra))
     rec = cold["record"] if cold else None
     names = {"mmdebstrap": "packages (+ initramfs)", "configure": "configure", "disk": "disk",
              "finish-vm": "finish (VM / chroot)", "convert": "convert (qcow2)", "checksum": "checksum",
@@ -140,7 +143,8 @@ def side_by_side(cold: dict[str, Any] | None, warm: dict[str, Any] | None, peer:
             kg = (rec["total_seconds"] - sum(rec["timings"].values()) if stage == "other"
                   else rec["timings"].get(stage, 0.0))
         print(f"  {names[stage][:33]:<34}{_cell(kg)}{_cell(peer['cold'].stages.get(stage, 0.0))}"
-              f"{_ratio(kg, peer['cold'].stages.get(stage, 0.0)):>9}")
+              f"{_ratio(kg, peer['cold'].stages.get(stage, 0.0)):>9}"
+              + "".join(_cell(peer[k].stages.get(stage, 0.0)) for k in extra))
     kg_cold = rec["total_seconds"] if rec is not None else None
     print(f"  {'COLD build total':<34}{_cell(kg_cold)}{_cell(peer['cold'].wall)}"
           f"{_ratio(kg_cold, peer['cold'].wall):>9}")
@@ -155,7 +159,8 @@ def side_by_side(cold: dict[str, Any] | None, warm: dict[str, Any] | None, peer:
               f"{_ratio(warm['wall'], peer['warm'].wall):>9}")
     if "incremental" in peer:
         print(f"  {'mkosi --incremental (2nd run)':<34}{_cell(None)}{_cell(peer['incremental'].wall)}{'-':>9}")
-    print("\n  cold, kickgate: an empty --cache-dir (no image, no mmdebstrap tree); mmdebstrap downloads every")
+    print("\n  (* mk warm: mkosi's second build, with the kept package cache; mk incr: --incremental, 2nd run)")
+    print("  cold, kickgate: an empty --cache-dir (no image, no mmdebstrap tree); mmdebstrap downloads every")
     print("        package (kickgate keeps no package cache).")
     print("  cold, mkosi:    empty Cache= and output; debootstrap and apt download every package.")
     print("  warm, kickgate: the same recipe again: the cached image (content-addressed key) is reused.")
