@@ -211,6 +211,7 @@ def main() -> int:
                 warm = run_pass("warm", args.image, cache, work)
         peer: dict[str, PeerRun] = {}
         boot = None
+        boot_failure = ""
         if args.peer:
             with peer_mkosi.workspace(work / "mkosi" if args.runs_dir else None) as root:
                 peer = peer_mkosi.measure(args.image, root, incremental=args.peer_incremental)
@@ -219,7 +220,10 @@ def main() -> int:
                     assert image is not None
                     serial = work / "mkosi-boot-serial.log" if args.runs_dir else None
                     kvm = cold is not None and cold["record"]["domain_type"] == "kvm"
-                    boot = peer_mkosi.boot_to_login(image, keep_serial=serial, accel="kvm" if kvm else "tcg")
+                    try:
+                        boot = peer_mkosi.boot_to_login(image, keep_serial=serial, accel="kvm" if kvm else "tcg")
+                    except SystemExit as exc:  # the build figures are still worth printing
+                        boot_failure = str(exc)
         accel = "KVM" if cold and cold["record"]["domain_type"] == "kvm" else "TCG"
         print(f"kickgate benchmark: {args.image}, {os.cpu_count()} cores, "
               f"{accel if cold else 'kickgate not run'}{f', peer mkosi {version}' if args.peer else ''}")
@@ -229,6 +233,8 @@ def main() -> int:
         if peer:
             peer_mkosi.print_runs(peer)
             side_by_side(cold, warm, peer)
+            if boot_failure:
+                print(f"\n  mkosi image boot FAILED: {boot_failure}")
             if boot is not None:
                 print(f"\n  mkosi image boot to login prompt: {boot:.1f} s (one boot, QEMU {accel if cold else 'TCG'})")
     finally:
