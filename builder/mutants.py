@@ -534,8 +534,9 @@ class MutantRunner:
             outcome, killed_by, detail = judge(mutant, report.control if s.control else None, spec_run)
             result = replace(base, outcome=outcome, killed_by=killed_by, detail=detail,
                              apply_seconds=applied - started, spec_seconds=time.monotonic() - applied)
-            log.info("mutant %s: %s in %.0fs", mutant.name,
-                     "SURVIVED" if outcome == "survived" else f"killed by {len(killed_by)} spec(s)", result.seconds)
+            log.info("mutant %s: %s in %.0fs (apply %.0fs, specs %.0fs)", mutant.name,
+                     "SURVIVED" if outcome == "survived" else "killed by " + ", ".join(killed_by),
+                     result.seconds, result.apply_seconds, result.spec_seconds)
             return result
         finally:
             shutil.rmtree(work, ignore_errors=True)
