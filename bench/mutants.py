@@ -21,6 +21,22 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from builder.mutants import SHIPPED_DIR, discover  # noqa: E402
+
+
+def interleaved() -> list[str]:
+    """Every shipped mutant, one of each broken property in turn: the first rows cover every property."""
+    groups: dict[str, list[str]] = {}
+    for m in discover([SHIPPED_DIR]):
+        groups.setdefault(m.breaks, []).append(m.name)
+    order = []
+    while any(groups.values()):
+        for names in groups.values():
+            if names:
+                order.append(names.pop(0))
+    return order
 
 
 def main() -> int:
@@ -41,7 +57,7 @@ def main() -> int:
         return 2
     started = time.monotonic()
     res = subprocess.run([*cli, "mutants", args.image, "--json", "--jobs", str(args.jobs),
-                          *(a for m in args.mutant for a in ("--mutant", m))],
+                          *(a for m in args.mutant or interleaved() for a in ("--mutant", m))],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, check=False)
     total = time.monotonic() - started
     if not res.stdout.strip():
