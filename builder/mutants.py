@@ -560,7 +560,11 @@ class MutantRunner:
             self._domains.add(name)
         try:
             dom = self.hv.start(domain_xml(spec), name)
-            outcome, w = watch(dom, self.hv.is_active, serial, timeout=APPLY_TIMEOUT_S, idle_timeout=APPLY_IDLE_S,
+
+            def active(d: Any) -> bool:  # a stopped run stops following at once, even a guest started late
+                return not self._stop.is_set() and self.hv.is_active(d)
+
+            outcome, w = watch(dom, active, serial, timeout=APPLY_TIMEOUT_S, idle_timeout=APPLY_IDLE_S,
                                markers=[OK_MARKER], failure=[FAILED_MARKER, "Kernel panic"])
         finally:
             self.hv.destroy(name)
