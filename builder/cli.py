@@ -1,5 +1,5 @@
 """The `kickgate` command: validate, render, build, boot, list, show, promote and roll back registered images,
-clean up."""
+run mutants against the specs, clean up."""
 
 from __future__ import annotations
 
@@ -246,6 +246,52 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return _print_promotion(rollback(registry, args.name, _promote_targets(args, args.name)))
 
 
+def cmd_mutants(args: argparse.Namespace) -> int:
+    from builder.mutants import (
+        MutantRunner,
+        RunSettings,
+        discover,
+        exit_status,
+        mutant_dirs,
+        render_json,
+        render_table,
+        select,
+    )
+
+    if args.jobs < 1:
+        raise KickgateError("--jobs must be at least 1")
+    book = _book(args)
+    recipe = book.load(args.image)
+    dirs = mutant_dirs(book.root.resolve(), recipe.name)
+    mutants = select(discover(dirs), args.mutant or [])
+    if not mutants:
+        raise KickgateError(f"no mutants (*.sh) in {', '.join(map(str, dirs)) or 'mutants/'}")
+    log = logging.getLogger("kickgate.mutants")
+    # Built or reused exactly as `kickgate build` does; the cache is only read after that.
+    with _pipeline(args) as pipeline:
+        image = pipeline.image(recipe.name)
+        hv = pipeline.hypervisor()
+        settings = RunSettings(image_name=recipe.name, image=image.path, image_format=image.format,
+                               recipes=book.root.resolve(), domain_type=hv.domain_type(), jobs=args.jobs,
+                               control=not args.no_control, user_cache=pipeline.options.cache_dir)
+        log.info("%s: %d mutant(s), %d at a time%s", recipe.name, len(mutants), args.jobs,
+                 "" if args.no_control else ", after a control run on the unmutated image")
+        with MutantRunner(settings, hv) as runner:
+            report = runner.run(mutants)
+    if report.control_error is not None:
+        print(f"kickgate: the control run on the unmutated {recipe.name} failed: {report.control_error}",
+              file=sys.stderr)
+    elif report.control_failed and report.control is not None:
+        failed = report.control.names("failed", "error")
+        print(f"kickgate: specs fail on the unmutated {recipe.name}, so no mutant was judged: "
+              f"{', '.join(failed)} (run `pytest specs/ --image {recipe.name}` to see why)", file=sys.stderr)
+    if args.json:
+        sys.stdout.write(render_json(report.results))
+    elif report.results:
+        sys.stdout.write(render_table(report.results, report.control_passed))
+    return exit_status(report.results, report.control_failed)
+
+
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from builder.hypervisor import cleanup_kept
     from builder.runstamp import sweep
@@ -317,6 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", metavar="NAME")
     add_options(s.add_argument, "registry")
     s.set_defaults(func=cmd_rollback)
+
+    s = sub.add_parser("mutants", help="prove the specs: run them on copies of an image each broken on purpose")
+    s.add_argument("image", metavar="IMAGE")
+    add_options(s.add_argument, "build")
+    s.add_argument("--mutant", action="append", metavar="NAME",
+                   help="run only this mutant (repeatable; default: every mutant found)")
+    s.add_argument("--jobs", type=int, default=2, metavar="N", help="mutants verified at a time (default 2)")
+    s.add_argument("--no-control", action="store_true",
+                   help="skip the control run of the specs on the unmutated image")
+    s.add_argument("--json", action="store_true", help="print the results as a JSON list")
+    s.set_defaults(func=cmd_mutants)
 
     s = sub.add_parser("cleanup", help="stop instances kept by --keep-instance and remove what dead runs left")
     s.set_defaults(func=cmd_cleanup)

@@ -22,6 +22,10 @@ class RecipeError(KickgateError):
         super().__init__(msg)
 
 
+class MutantError(RecipeError):
+    """A mutant script (mutants/*.sh) is malformed or clashes with another. Names the file and line."""
+
+
 class CommandError(KickgateError):
     """An external command failed or timed out."""
 

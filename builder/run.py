@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from builder.errors import CommandError
@@ -17,8 +17,12 @@ log = logging.getLogger(__name__)
 
 def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool = True,
         cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        input: bytes | None = None, on_start: Callable[[int], None] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
     """Run argv; raise CommandError on failure or timeout.
+
+    on_start is told the process id (also its process group id) as soon as it runs, for a caller
+    that must be able to stop it from another thread.
 
     stdout is what callers parse; stderr is kept apart (a tool's warning must never change a parsed
     result) and goes into the error text. stdin is /dev/null unless input is given, so a tool that
@@ -38,6 +42,8 @@ def run(argv: Sequence[str | os.PathLike[str]], *, timeout: float, check: bool =
                                 start_new_session=True)
     except FileNotFoundError:
         raise CommandError(args, 127, f"{args[0]}: command not found (run ci/setup to install it)") from None
+    if on_start is not None:
+        on_start(proc.pid)
     with proc:
         try:
             out, err = proc.communicate(input, timeout=timeout)

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 STAMP = ".kickgate-run"
 TMP = Path("/tmp")
-# Directories a run makes for itself in /tmp (instances, libvirt's embedded root, KVM probes).
-TMP_PREFIXES = ("kg-virt-", "kg-inst-", "kg-probe-")
+# Directories a run makes for itself in /tmp (instances, libvirt's embedded root, KVM probes, mutants).
+TMP_PREFIXES = ("kg-virt-", "kg-inst-", "kg-probe-", "kg-mut-")
 
 
 def boot_id() -> str:

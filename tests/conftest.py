@@ -68,7 +68,7 @@ def _tmp_leftovers() -> set[str]:
     # This process's own libvirt embed root lives until the process exits, by design.
     own = hypervisor._embed_root.name if hypervisor._embed_root is not None else None
     return {p.name for p in Path("/tmp").iterdir()
-            if p.name.startswith(("kg-virt-", "kg-inst-", "kg-probe-")) and p.name != own}
+            if p.name.startswith(("kg-virt-", "kg-inst-", "kg-probe-", "kg-mut-")) and p.name != own}
 
 
 @pytest.fixture(autouse=True)

@@ -97,3 +97,15 @@ def test_an_interrupt_stops_the_whole_process_group() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     assert _running("sleep 302.25") == [], "a child of the interrupted command is still running"
+
+
+def test_on_start_lets_another_thread_stop_the_whole_process_group() -> None:
+    """kickgate mutants stops spec runs that worker threads wait on: SIGTERM to the group ends them."""
+    import threading
+
+    def stop(pid: int) -> None:
+        threading.Timer(0.5, os.killpg, (pid, signal.SIGTERM)).start()
+
+    res = run(["sh", "-c", "sleep 303.25 & sleep 303.25"], timeout=60, check=False, on_start=stop)
+    assert res.returncode == -signal.SIGTERM
+    assert _running("sleep 303.25") == [], "a child of the stopped command is still running"
