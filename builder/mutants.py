@@ -324,6 +324,12 @@ def judge(mutant: Mutant, control: SpecRun | None, run_: SpecRun) -> tuple[Mutan
         passed = set(control.names("passed"))
         bad = [n for n in bad if n in passed]
     if not bad:
+        # Survival is a claim about every spec: a run that did not judge them all cannot make it.
+        ran = {n for n, _, _ in run_.outcomes}
+        missing = sorted({n for n, _, _ in control.outcomes} - ran) if control is not None else []
+        if not ran or missing:
+            what = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "") if missing else "any spec"
+            return "error", (), f"the spec run on the mutant did not run {what}: it cannot have survived"
         return "survived", (), ""
     detail = ""
     messages = {run_.message(n) for n in bad}
@@ -531,11 +537,15 @@ class MutantRunner:
                     return None
                 return replace(base, error=str(exc), apply_seconds=applied - started,
                                spec_seconds=time.monotonic() - applied)
+            if self._stop.is_set():  # an interrupted spec run judges nothing
+                return None
             outcome, killed_by, detail = judge(mutant, report.control if s.control else None, spec_run)
             result = replace(base, outcome=outcome, killed_by=killed_by, detail=detail,
+                             error=detail if outcome == "error" else None,
                              apply_seconds=applied - started, spec_seconds=time.monotonic() - applied)
             log.info("mutant %s: %s in %.0fs (apply %.0fs, specs %.0fs)", mutant.name,
-                     "SURVIVED" if outcome == "survived" else "killed by " + ", ".join(killed_by),
+                     "SURVIVED" if outcome == "survived" else "ERROR: " + detail if outcome == "error"
+                     else "killed by " + ", ".join(killed_by),
                      result.seconds, result.apply_seconds, result.spec_seconds)
             return result
         finally:
@@ -619,7 +629,10 @@ class MutantRunner:
         finally:
             with self._lock:
                 self._children.difference_update(mine)
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-TAIL_LINES:])
         if not junit.is_file():
-            tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-TAIL_LINES:])
             raise KickgateError(f"the spec run wrote no JUnit report (exit status {res.returncode}):\n{tail}")
+        if res.returncode not in (0, 1):  # 0 all passed, 1 some failed; anything else judged nothing whole
+            raise KickgateError(f"the spec run ended with exit status {res.returncode} (interrupted, or a usage "
+                                f"or collection error):\n{tail}")
         return parse_junit(junit, s.image_name)

@@ -205,6 +205,14 @@ def test_only_specs_that_passed_on_the_control_kill_a_mutant() -> None:
     assert judge(M, None, spec_run(a="passed", b="failed", c="error")) == ("killed", ("b", "c"), "")
 
 
+def test_a_run_that_did_not_judge_every_spec_cannot_survive() -> None:
+    control = spec_run(a="passed", b="passed", c="passed")
+    outcome, killed_by, detail = judge(M, control, spec_run(a="passed"))
+    assert outcome == "error" and killed_by == () and "did not run b, c" in detail
+    assert judge(M, None, SpecRun(()))[0] == "error"
+    assert judge(M, control, spec_run(a="passed", b="passed", c="passed")) == ("survived", (), "")
+
+
 def test_a_mutant_every_spec_errors_on_carries_the_one_reason() -> None:
     control = spec_run(a="passed", b="passed")
     run = SpecRun((("a", "error", "InstanceError: no SSH"), ("b", "error", "InstanceError: no SSH")))
