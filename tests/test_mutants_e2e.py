@@ -1,7 +1,8 @@
 """`kickgate mutants` end to end: real guests apply real mutants and the real specs judge them.
 
-Three shipped mutants of different kinds and one user mutant that breaks nothing. The full table
-of shipped mutants is bench/mutants.py's job (it takes far longer than CI allows).
+One shipped mutant and one user mutant that breaks nothing, without the control run. The full
+table of shipped mutants, with the control, is bench/mutants.py's job (it takes far longer than
+CI allows).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# mutant → exactly the specs that must kill it (every other spec passes on it, as on the control)
+# mutant → exactly the specs that must kill it (every other spec passes on it, as on generic-dev).
+# One shipped mutant and one harmless user mutant: one round of two at a time, within the CI budget;
+# bench/mutants.py runs every shipped mutant with the control.
 EXPECTED = {
     "swap-fstab-file": {"test_no_active_swap", "test_no_swap_in_fstab", "test_no_swap_partitions_or_files",
                         "test_no_systemd_swap_units"},
-    "firewall-port-8080-open": {"test_listeners_are_blocked_but_ssh_is_not"},
-    "identity-fixed-machine-id": {"test_two_clones_differ_in_machine_id_and_host_keys"},
 }
 HARMLESS = """#!/bin/sh
 # mutant: writes a harmless file that no property cares about
@@ -58,7 +59,9 @@ def test_mutants_are_killed_by_their_specs_and_a_harmless_one_survives(repo_root
     before = cache_entries(shared_cache_dir)
 
     res = kickgate(repo_root, shared_cache_dir, registry, "--recipes", str(root), "mutants", "generic-dev",
-                   *(a for name in [*EXPECTED, "harmless"] for a in ("--mutant", name)), "--json")
+                   *(a for name in [*EXPECTED, "harmless"] for a in ("--mutant", name)), "--json",
+                   # generic-dev passing every spec is the README job's proof; here the mutants only
+                   "--no-control")
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-6000:]  # the harmless mutant survived
     results = {r["name"]: r for r in json.loads(res.stdout)}
     assert list(results) == [*EXPECTED, "harmless"]
@@ -70,7 +73,7 @@ def test_mutants_are_killed_by_their_specs_and_a_harmless_one_survives(repo_root
     # one log line per mutant start and end
     for name in results:
         assert f"mutant {name}: applying" in res.stderr
-    assert "control: done in" in res.stderr
+    assert "control: done in" not in res.stderr
 
     assert not registry.exists(), "a mutant run touched the registry"
     assert cache_entries(shared_cache_dir) == before, "a mutant run changed the build cache"
