@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from builder import disk, runstamp
-from builder.console import ANSI_RE, Outcome, watch
+from builder.console import Outcome, watch
 from builder.domain import Disk, DomainSpec, domain_xml
+from builder.domainrun import read_serial
 from builder.errors import CommandError, KickgateError, MutantError
 from builder.fsutil import atomic_write_bytes
 from builder.hypervisor import Hypervisor
@@ -580,7 +581,7 @@ class MutantRunner:
             self.hv.destroy(name)
             with self._lock:
                 self._domains.discard(name)
-        text = ANSI_RE.sub("", serial.read_bytes().decode(errors="replace")) if serial.exists() else ""
+        text = read_serial(serial)
         ok = OK_MARKER in w.seen or any(OK_MARKER in ln for ln in text.splitlines())
         if outcome is Outcome.POWERED_OFF and ok:
             return
