@@ -2,7 +2,8 @@
 
 A mutant is a shell script (`mutants/*.sh`) that introduces one defect a recipe author could
 make. Each runs inside a throwaway copy-on-write copy of the image, *without* the image's own
-init: the image's kernel boots with `init=/bin/sh -- /dev/vdb`, so the initramfs mounts the root
+init: the image's kernel boots with `init=/bin/sh -- /dev/vdb`, so an initramfs (kickgate's small
+one from the image's modules where directboot can make it, else the image's own) mounts the root
 and hands it to a shell that reads a runner script from a second disk. A normal boot would run
 first-boot units, make host keys and contextualize, and every mutant would then look "killed" by
 the clone and identity specs. The mutated overlay then gets the same `pytest specs/` a verify
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from builder import disk, runstamp
+from builder import directboot, disk, runstamp
 from builder.console import Outcome, watch
 from builder.domain import Disk, DomainSpec, domain_xml
 from builder.domainrun import read_serial
@@ -224,13 +225,38 @@ def extract_boot_files(image: Path, image_format: str, workdir: Path) -> BootFil
         run(["debugfs", "-R", f"dump /boot/{kernels[-1]} {kernel}", fs], timeout=120)
         run(["debugfs", "-R", f"dump /boot/{initrds[-1]} {initrd}", fs], timeout=120)
         uuid = run(["blkid", "-p", "-O", str(offset), "-s", "UUID", "-o", "value", str(raw)], timeout=60).stdout
+        modules = _dump_modules(fs, kernels[-1].removeprefix("vmlinuz-"), workdir / "modules")
     finally:
         raw.unlink(missing_ok=True)  # gigabytes: gone as soon as the small files are out
     if not kernel.is_file() or kernel.stat().st_size == 0 or not initrd.is_file():
         raise KickgateError(f"{image}: could not extract {kernels[-1]} and {initrds[-1]} from /boot")
     if not uuid.strip():
         raise KickgateError(f"{image}: its root filesystem has no UUID")
-    return BootFiles(kernel=kernel, initrd=initrd, root_uuid=uuid.strip())
+    fast = directboot.prepare(kernel, initrd, modules, workdir, APPLY_MODULES)
+    return BootFiles(kernel=fast.kernel, initrd=fast.initrd, root_uuid=uuid.strip())
+
+
+def _dump_modules(fs: str, kernel_version: str, dest: Path) -> Path:
+    """Copy out of the image the modules the apply VM's initramfs loads (see directboot), with their
+    dependencies; what is missing just makes directboot fall back to the image's own initramfs."""
+    src = f"/lib/modules/{kernel_version}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("modules.dep", "modules.builtin"):
+        run(["debugfs", "-R", f"dump {src}/{name} {dest / name}", fs], timeout=60, check=False)
+    dep = dest / "modules.dep"
+    if not dep.is_file():
+        return dest
+    builtin = dest / "modules.builtin"
+    order = directboot.module_load_order(dep.read_text(), APPLY_MODULES,
+                                         builtin.read_text() if builtin.is_file() else "") or []
+    for rel in order:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        run(["debugfs", "-R", f"dump {src}/{rel} {dest / rel}", fs], timeout=60, check=False)
+    return dest
+
+
+# What the apply VM's initramfs loads: the overlay and the runner disk, and the root filesystem.
+APPLY_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic")
 
 
 def cmdline(boot: BootFiles) -> str:

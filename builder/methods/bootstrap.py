@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from builder import disk, runstamp
+from builder import directboot, disk, runstamp
 from builder.domain import Disk, DomainSpec, Nic, random_mac
 from builder.domainrun import DomainJob, run_domain
 from builder.errors import BuildError
@@ -35,16 +35,21 @@ PRIVATE_MOUNTS = ("unshare", "--mount", "--propagation", "private", "--")
 FINISH_OK = "KICKGATE-FINISH-OK"
 FINISH_FAILED = "KICKGATE-FINISH-FAILED"
 STEP_BEGIN = "KICKGATE-STEP-BEGIN"
+# What the finish VM's own initramfs loads: the root disk and filesystem, and the NIC (post-install
+# scripts may read the build MAC from it).
+FINISH_MODULES = ("virtio_pci", "virtio_blk", "ext4", "crc32c_generic", "virtio_net")
 
-_GRUB_DEFAULTS = """\
+KERNEL_CMDLINE = "console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0"
+_SERIAL = "serial --unit=0 --speed=115200"
+_GRUB_DEFAULTS = f"""\
 # Written by kickgate: boot straight to a serial console, stable ethN names (no MAC-derived names).
 GRUB_DEFAULT=0
 GRUB_TIMEOUT=0
 GRUB_DISTRIBUTOR=Debian
 GRUB_CMDLINE_LINUX_DEFAULT=""
-GRUB_CMDLINE_LINUX="console=tty0 console=ttyS0,115200 net.ifnames=0 biosdevname=0"
+GRUB_CMDLINE_LINUX="{KERNEL_CMDLINE}"
 GRUB_TERMINAL="serial console"
-GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_SERIAL_COMMAND="{_SERIAL}"
 GRUB_DISABLE_OS_PROBER=true
 # Recovery mode asks for root's password, which the image locks: its entries could never be used.
 GRUB_DISABLE_RECOVERY=true
@@ -64,10 +69,12 @@ def build(ctx: BuildContext) -> MethodResult:
     with ctx.stages("configure"):
         packages = read_dpkg(tree / "var/lib/dpkg", root=tree)
         kernel, initrd = configure_tree(recipe, tree, root_uuid)
+        modules_dir = tree / "lib/modules" / kernel.name.removeprefix("vmlinuz-")
         boot_dir = ctx.workdir / "boot"
         boot_dir.mkdir()
         kernel = Path(shutil.copy2(kernel, boot_dir / "vmlinuz"))
         initrd = Path(shutil.copy2(initrd, boot_dir / "initrd.img"))
+        boot = directboot.prepare(kernel, initrd, modules_dir, boot_dir, FINISH_MODULES)
     with ctx.stages("disk"):
         disk.create_raw(raw, recipe.disk.size_mib)
         disk.partition(raw)
@@ -76,9 +83,11 @@ def build(ctx: BuildContext) -> MethodResult:
     with ctx.stages("finish-vm"):
         domain_type = ctx.hypervisor.domain_type(kernel)
         build_mac = random_mac()
-        finish_vm(ctx, raw, kernel, initrd, root_uuid, build_mac, domain_type)
+        finish_vm(ctx, raw, boot.kernel, boot.initrd, root_uuid, build_mac, domain_type)
     return MethodResult(disk=raw, disk_format="raw", build_mac=build_mac, domain_type=domain_type,
-                        packages=packages, extra={"suite": recipe.bootstrap.suite, "root_uuid": root_uuid})
+                        packages=packages, extra={"suite": recipe.bootstrap.suite, "root_uuid": root_uuid,
+                               "finish_kernel": "pvh" if boot.fast_kernel else "bzimage",
+                               "finish_initramfs": "kickgate" if boot.fast_initrd else "image"})
 
 
 def cached_tree(ctx: BuildContext, tree: Path) -> None:
@@ -144,6 +153,35 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+def grub_cfg(kernel_version: str, root_uuid: str) -> str:
+    """The GRUB menu update-grub would write for /etc/default/grub above and one kernel.
+
+    Written on the host because grub-mkconfig spends ~12 s probing on an emulated CPU to arrive at
+    the same menu. Left out of update-grub's output: the video modules (the terminal is serial and
+    text, so GRUB never needs a video mode) and the grubenv bookkeeping for saved and one-time
+    entries (none is ever set on this image). The image's own update-grub replaces this file
+    whenever a kernel is installed or removed, from the same /etc/default/grub.
+    """
+    return f"""\
+# Written by kickgate at build time, equivalent to update-grub's output for /etc/default/grub;
+# update-grub rewrites it whenever a kernel is installed or removed.
+set default=0
+set timeout=0
+{_SERIAL}
+terminal_input serial console
+terminal_output serial console
+menuentry 'Debian GNU/Linux, with Linux {kernel_version}' --class debian --class gnu-linux --class os {{
+\tinsmod part_msdos
+\tinsmod ext2
+\tsearch --no-floppy --fs-uuid --set=root --hint-bios=hd0,msdos1 --hint=hd0,msdos1 {root_uuid}
+\techo\t'Loading Linux {kernel_version} ...'
+\tlinux\t/boot/vmlinuz-{kernel_version} root=UUID={root_uuid} ro {KERNEL_CMDLINE}
+\techo\t'Loading initial ramdisk ...'
+\tinitrd\t/boot/initrd.img-{kernel_version}
+}}
+"""
+
+
 def configure_tree(recipe: Recipe, tree: Path, root_uuid: str) -> tuple[Path, Path]:
     """Write fstab, GRUB defaults, the finish script and the post-install scripts into the tree."""
     _write(tree / "etc/fstab", f"# <file system> <mount point> <type> <options> <dump> <pass>\n"
@@ -164,6 +202,7 @@ def configure_tree(recipe: Recipe, tree: Path, root_uuid: str) -> tuple[Path, Pa
     if not kernels or not initrds:
         raise BuildError("configure", "no kernel or initrd in the tree's /boot: add linux-image-amd64 and "
                          "initramfs-tools to [bootstrap] packages")
+    _write(tree / "boot/grub/grub.cfg", grub_cfg(kernels[-1].name.removeprefix("vmlinuz-"), root_uuid), 0o444)
     return kernels[-1], initrds[-1]
 
 
@@ -188,4 +227,5 @@ def finish_vm(ctx: BuildContext, raw: Path, kernel: Path, initrd: Path, root_uui
     run_domain(ctx, spec, FINISH_JOB, progress=progress)
 
 
-METHOD = Method(name="bootstrap", build=build, code=("disk.py",), tools=("mmdebstrap", "mke2fs"))
+METHOD = Method(name="bootstrap", build=build, code=("disk.py", "directboot.py", "initrd.py"),
+                tools=("mmdebstrap", "mke2fs"))
