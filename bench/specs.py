@@ -56,7 +56,8 @@ def _inner(backend: str, pytest_args: list[str]) -> int:
 
 def run(backend: str, image: str, cache: Path | None, work: Path) -> dict[str, float]:
     junit = work / f"{backend}.xml"
-    args = ["-q", "-p", "no:cacheprovider", "specs/", "--image", image, "--no-register", f"--junitxml={junit}"]
+    args = ["-q", "-p", "no:cacheprovider", "specs/", "--image", image, "--no-register", f"--junitxml={junit}",
+            "-o", "junit_duration_report=call"]  # the specs themselves: not the boot in a fixture's setup
     if cache is not None:
         args.append(f"--cache-dir={cache}")
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
