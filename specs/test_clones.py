@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from guestcmd import run
@@ -26,9 +27,16 @@ def served_host_keys(host: Any) -> dict[str, str]:
 
 def test_two_clones_differ_in_machine_id_and_host_keys(host: Any, instance: Any, instance_factory: Any) -> None:
     other = instance_factory()
-    ids = [run(h, "cat /etc/machine-id").strip() for h in (host, other.host)]
-    keys = [served_host_keys(h) for h in (host, other.host)]
-    handshake = [inst.served_host_key() for inst in (instance, other)]
+
+    def identity(inst: Any, h: Any) -> tuple[str, dict[str, str], str]:
+        return run(h, "cat /etc/machine-id").strip(), served_host_keys(h), inst.served_host_key()
+
+    # Two guests, each on its own emulated CPU: asked at the same time.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        answers = list(pool.map(identity, (instance, other), (host, other.host)))
+    ids = [a[0] for a in answers]
+    keys = [a[1] for a in answers]
+    handshake = [a[2] for a in answers]
     problems = []
     if not all(ids):
         problems.append("an instance has an empty machine-id")
