@@ -197,5 +197,10 @@ exit 0
 EOT
 chmod 0755 "$rc"
 [ "$rc" = /etc/rc.d/rc.local ] && ln -sf rc.d/rc.local /etc/rc.local
+# Contextualization gives the instance its network and SSH key, and a first boot on one busy vCPU
+# starts a dozen units beside it: it goes first. Only its own commands and INIT_SCRIPTS run at
+# this priority, and they end with it.
+mkdir -p /etc/systemd/system/rc-local.service.d
+printf '[Service]\nNice=-10\n' > /etc/systemd/system/rc-local.service.d/10-kickgate-first.conf
 # rc-local.service is pulled in by systemd's rc-local generator because rc.local is executable.
 echo "rc-local-contextualization: wrote $rc"

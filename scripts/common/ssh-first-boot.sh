@@ -16,6 +16,8 @@ ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
 Type=oneshot
+# sshd waits for this key, and the first login waits for sshd: ahead of the rest of the boot.
+Nice=-10
 ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key
 RemainAfterExit=yes
 
