@@ -114,22 +114,27 @@ def decompress(payload: bytes, workdir: Path) -> bytes | None:
         return lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(payload)
     if payload.startswith(_GZIP):
         return zlib.decompressobj(wbits=31).decompress(payload)
-    if payload.startswith(_ZSTD) and shutil.which("zstd"):
-        src = workdir / "payload.zst"
-        dst = workdir / "payload"
-        src.write_bytes(payload[:-4])
-        try:
-            run(["zstd", "-q", "-d", "-f", "-o", str(dst), str(src)], timeout=120)
-        except CommandError as exc:
-            log.info("direct boot: zstd could not unpack the kernel: %s", exc)
-            return None
-        finally:
-            src.unlink(missing_ok=True)
-        try:
-            return dst.read_bytes()
-        finally:
-            dst.unlink(missing_ok=True)
+    if payload.startswith(_ZSTD):
+        return _unzstd(payload[:-4], workdir)
     return None
+
+
+def _unzstd(data: bytes, workdir: Path) -> bytes | None:
+    """zstd-compressed data unpacked with the zstd tool (the stdlib has no zstd); None if it cannot."""
+    if not shutil.which("zstd"):
+        return None
+    src = workdir / "data.zst"
+    dst = workdir / "data"
+    src.write_bytes(data)
+    try:
+        run(["zstd", "-q", "-d", "-f", "-o", str(dst), str(src)], timeout=120)
+        return dst.read_bytes()
+    except CommandError as exc:
+        log.info("direct boot: zstd could not unpack: %s", exc)
+        return None
+    finally:
+        src.unlink(missing_ok=True)
+        dst.unlink(missing_ok=True)
 
 
 def _program_headers(elf: bytes) -> Iterable[tuple[int, int, int]]:
@@ -235,8 +240,7 @@ def _module_bytes(path: Path, workdir: Path) -> bytes | None:
     if path.suffix == ".gz":
         return gzip.decompress(data)
     if path.suffix == ".zst":
-        out = decompress(data + b"\0\0\0\0", workdir)  # decompress() expects the kernel's size trailer
-        return out
+        return _unzstd(data, workdir)
     return None
 
 

@@ -140,6 +140,20 @@ def test_root_initramfs_holds_busybox_init_and_unpacked_modules(tmp_path: Path) 
     assert members["modules/01-virtio_blk.ko"].data == b"module kernel/drivers/block/virtio_blk.ko.xz"
 
 
+def test_root_initramfs_unpacks_zstd_modules(tmp_path: Path) -> None:
+    import subprocess
+
+    mods = tmp_path / "lib/modules/6.12.0-test"
+    (mods / "kernel/fs").mkdir(parents=True)
+    packed = subprocess.run(["zstd", "-q", "-c"], input=b"ext4 module", capture_output=True, check=True).stdout
+    (mods / "kernel/fs/ext4.ko.zst").write_bytes(packed)
+    (mods / "modules.dep").write_text("kernel/fs/ext4.ko.zst:\n")
+    out = tmp_path / "initramfs.cpio"
+    assert directboot.root_initramfs(mods, ["ext4"], out)
+    members = {m.name: m for m in iter_newc(out.read_bytes())}
+    assert members["modules/00-ext4.ko"].data == b"ext4 module"
+
+
 def test_root_initramfs_falls_back_without_a_static_busybox(tmp_path: Path) -> None:
     mods = _modules_tree(tmp_path)
     dynamic = Path("/bin/sh").resolve()
