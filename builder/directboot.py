@@ -244,17 +244,26 @@ def _module_bytes(path: Path, workdir: Path) -> bytes | None:
     return None
 
 
+def modules_to_load(modules_dir: Path, wanted: Sequence[str]) -> list[str] | None:
+    """module_load_order() from a module tree's own modules.dep and modules.builtin; None without
+    modules.dep or when a wanted module is neither there nor built in."""
+    dep_file = modules_dir / "modules.dep"
+    if not dep_file.is_file():
+        return None
+    builtin = modules_dir / "modules.builtin"
+    return module_load_order(dep_file.read_text(), wanted, builtin.read_text() if builtin.is_file() else "")
+
+
 def root_initramfs(modules_dir: Path, wanted: Sequence[str], out: Path,
                    busybox: Path | None = None) -> bool:
     """Write an uncompressed initramfs that loads wanted (with dependencies) and mounts root=."""
-    dep_file = modules_dir / "modules.dep"
     bb = busybox or Path(shutil.which("busybox") or "/bin/busybox")
-    if not dep_file.is_file() or not bb.is_file() or not is_static_elf(bb):
-        log.info("direct boot: no modules.dep in %s or no static busybox: using the image's initramfs", modules_dir)
+    if not bb.is_file() or not is_static_elf(bb):
+        log.info("direct boot: no static busybox: using the image's initramfs")
         return False
-    builtin = modules_dir / "modules.builtin"
-    order = module_load_order(dep_file.read_text(), wanted, builtin.read_text() if builtin.is_file() else "")
+    order = modules_to_load(modules_dir, wanted)
     if order is None:
+        log.info("direct boot: the modules in %s cannot mount the root: using the image's initramfs", modules_dir)
         return False
     entries = [CpioEntry.directory(d) for d in ("bin", "dev", "proc", "sys", "newroot", "modules")]
     entries += [CpioEntry.chardev("dev/console", 5, 1), CpioEntry.chardev("dev/null", 1, 3, 0o666),

@@ -243,13 +243,7 @@ def _dump_modules(fs: str, kernel_version: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("modules.dep", "modules.builtin"):
         run(["debugfs", "-R", f"dump {src}/{name} {dest / name}", fs], timeout=60, check=False)
-    dep = dest / "modules.dep"
-    if not dep.is_file():
-        return dest
-    builtin = dest / "modules.builtin"
-    order = directboot.module_load_order(dep.read_text(), APPLY_MODULES,
-                                         builtin.read_text() if builtin.is_file() else "") or []
-    for rel in order:
+    for rel in directboot.modules_to_load(dest, APPLY_MODULES) or []:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         run(["debugfs", "-R", f"dump {src}/{rel} {dest / rel}", fs], timeout=60, check=False)
     return dest
