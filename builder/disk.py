@@ -30,6 +30,27 @@ def mkfs_from_tree(path: Path, tree: Path, size_mib: int, uuid: str, label: str 
          "-d", str(tree), str(path), f"{fs_kib}k"], timeout=900)
 
 
+def unclean(path: Path) -> list[str]:
+    """Why the ext4 filesystem at the partition's offset is not cleanly unmounted (empty: it is).
+
+    A journal still to replay or orphan inodes to delete mean every instance of the image starts by
+    repairing its root filesystem, read-only, in its initramfs.
+    """
+    out = run(["dumpe2fs", "-h", f"{path}?offset={PART_OFFSET}"], timeout=60).stdout
+    found: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            found[key.strip()] = value.strip()
+    reasons = []
+    if "needs_recovery" in found.get("Filesystem features", "").split():
+        reasons.append("its journal needs recovery (it was not unmounted)")
+    if found.get("First orphan inode", "0") != "0":
+        reasons.append(f"it has orphan inodes (first: {found['First orphan inode']}), files deleted while open")
+    if found.get("Filesystem state", "clean") != "clean":
+        reasons.append(f"its state is '{found['Filesystem state']}'")
+    return reasons
+
 
 def image_info(path: Path) -> dict[str, object]:
     """qemu-img's view of an image (format, virtual size, backing file…)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from builder import build as build_module
 from builder.build import Artifact, build_image
 from builder.console import Outcome, watch
-from builder.disk import create_overlay, image_info
+from builder.disk import create_overlay, image_info, unclean
 from builder.domain import Disk, DomainSpec, domain_xml
 from builder.fsutil import sha256_file
 from builder.hypervisor import Hypervisor
@@ -44,6 +45,13 @@ def test_artifact_is_the_recorded_qcow2(artifact: Artifact) -> None:
     assert "openssh-server" in packages and "linux-image-amd64" in packages
     assert packages["openssh-server"]["source"] == "openssh" and packages["openssh-server"]["arch"] == "amd64"
     assert "KICKGATE-FINISH-OK" in artifact.serial_log.read_text()
+
+
+def test_shipped_root_filesystem_is_clean(artifact: Artifact, tmp_path: Path) -> None:
+    # Unmounted cleanly by the finish VM: no instance starts by replaying a journal or deleting orphans.
+    raw = tmp_path / "shipped.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(artifact.image), str(raw)], check=True, timeout=300)
+    assert unclean(raw) == []
 
 
 def test_post_install_scripts_ran_in_order(artifact: Artifact) -> None:

@@ -27,6 +27,12 @@ mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run /tmp
 mountpoint -q /run || mount -t tmpfs tmpfs /run
 mountpoint -q /tmp || mount -t tmpfs tmpfs /tmp
+# Run from a copy in /run: this script is deleted from the image below, and a deleted file still open
+# on / is an orphan inode that keeps / from being remounted read-only (and so from being clean).
+if [ "$0" != /run/kickgate-finish.sh ]; then
+    cp "$0" /run/kickgate-finish.sh || fail "cannot copy $0 to /run"
+    exec /bin/sh /run/kickgate-finish.sh
+fi
 mount -o remount,rw / || fail "cannot remount / read-write"
 echo 1 > /proc/sys/kernel/sysrq
 
@@ -73,5 +79,9 @@ seal() {
 step seal seal
 
 rm -rf "$KG"
+sync
+# Read-only commits the journal and marks the filesystem clean: the shipped image needs no journal
+# replay or orphan cleanup at every instance's first boot.
+mount -o remount,ro / || fail "cannot remount / read-only: a file on it is still open"
 echo "KICKGATE-FINISH-OK"
 poweroff_now

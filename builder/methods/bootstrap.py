@@ -84,6 +84,10 @@ def build(ctx: BuildContext) -> MethodResult:
         domain_type = ctx.hypervisor.domain_type(kernel)
         build_mac = random_mac()
         finish_vm(ctx, raw, boot.kernel, boot.initrd, root_uuid, build_mac, domain_type)
+        if reasons := disk.unclean(raw):
+            raise BuildError("finish-vm", f"the root filesystem was not left clean: {'; '.join(reasons)}. "
+                             "Post-install scripts must not leave processes running or files open on /",
+                             serial_log=str(ctx.serial_log))
     return MethodResult(disk=raw, disk_format="raw", build_mac=build_mac, domain_type=domain_type,
                         packages=packages, extra={"suite": recipe.bootstrap.suite, "root_uuid": root_uuid,
                                "finish_kernel": "pvh" if boot.fast_kernel else "bzimage",
