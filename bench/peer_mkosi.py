@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from builder.methods.bootstrap import _GRUB_DEFAULTS  # noqa: E402  (the same GRUB settings as kickgate's)
+from builder.methods.bootstrap import _GRUB_DEFAULTS, initramfs_config  # noqa: E402  (kickgate's settings)
 from builder.recipe import Recipe, RecipeBook  # noqa: E402
 
 # Comparable stages, named as kickgate's build record names them.
@@ -92,7 +92,8 @@ mount -t proc proc "$R/proc"
 mount -t sysfs sysfs "$R/sys"
 
 phase initramfs
-chroot "$R" update-initramfs -c -k all
+# Whichever generator the recipe installs: tiny-initramfs or initramfs-tools.
+if [ -x "$R/usr/sbin/update-tirfs" ]; then chroot "$R" update-tirfs; else chroot "$R" update-initramfs -c -k all; fi
 
 phase bootloader
 chroot "$R" grub-install --target=i386-pc "$disk"
@@ -186,10 +187,9 @@ NspawnKeepUnit=yes
     (confdir / "mkosi.default").write_text(conf)
     if spec.initramfs_modules:
         # The same short module list kickgate's mmdebstrap setup hook writes: a small initramfs.
-        itools = confdir / "mkosi.skeleton/etc/initramfs-tools"
-        (itools / "conf.d").mkdir(parents=True)
-        (itools / "conf.d/kickgate.conf").write_text("MODULES=list\nCOMPRESS=zstd\n")
-        (itools / "modules").write_text("\n".join(spec.initramfs_modules) + "\n")
+        for rel, text in initramfs_config(spec.initramfs_modules).items():
+            (confdir / "mkosi.skeleton" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (confdir / "mkosi.skeleton" / rel).write_text(text)
     finalize = confdir / "mkosi.finalize"
     finalize.write_text(_FINALIZE)
     finalize.chmod(0o755)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
-from builder.methods.bootstrap import configure_tree
+from builder.methods.bootstrap import configure_tree, mmdebstrap_argv
 from builder.recipe import RecipeBook
 from tests.test_recipe import BASE, make_tree
 
@@ -48,3 +49,24 @@ def test_menu_boots_the_kernel_with_the_command_line_of_etc_default_grub(tmp_pat
     assert "terminal_output serial console" in cfg and defaults["GRUB_TERMINAL"] == "serial console"
     assert cfg.count("menuentry ") == 1 and cfg.count("{") == cfg.count("}")
 
+
+
+def test_setup_hook_configures_both_initramfs_generators_with_the_recipe_modules(tmp_path: Path) -> None:
+    # The hook runs in sh before any package unpacks (mmdebstrap passes the tree as $1); whichever
+    # generator the recipe installs must find the short module list there, never its defaults.
+    recipe = RecipeBook(Path(__file__).resolve().parent.parent).load("generic-dev")
+    assert recipe.bootstrap is not None
+    hooks = [a.removeprefix("--setup-hook=") for a in mmdebstrap_argv(recipe, tmp_path / "unused")
+             if a.startswith("--setup-hook=")]
+    assert len(hooks) == 1
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["sh", "-c", hooks[0], "sh", str(tree)], check=True, timeout=30)
+    modules = recipe.bootstrap.initramfs_modules
+    assert (tree / "etc/initramfs-tools/modules").read_text().split() == list(modules)
+    assert "MODULES=list" in (tree / "etc/initramfs-tools/conf.d/kickgate.conf").read_text().splitlines()
+    # tiny-initramfs reads its configuration as shell: source it the same way.
+    out = subprocess.run(["sh", "-c", '. "$1" && echo "$AUTO_MODULES|$MICROCODE|$INCLUDE_MODULES"', "sh",
+                          str(tree / "etc/tiny-initramfs/tiny-initramfs.conf")],
+                         check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    assert out == f"no|no|{','.join(modules)}"

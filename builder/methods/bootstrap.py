@@ -139,15 +139,30 @@ def mmdebstrap_argv(recipe: Recipe, tree: Path) -> list[str]:
             # Faster and smaller: no fsync per file while unpacking into a throwaway tree.
             "--dpkgopt=force-unsafe-io"]
     if spec.initramfs_modules:
-        # A short module list makes the initramfs a fraction of MODULES=most: GRUB loads and the
-        # kernel unpacks it in seconds instead of tens of seconds on an emulated CPU.
-        conf = "MODULES=list\nCOMPRESS=zstd\n"
-        mods = "\n".join(spec.initramfs_modules) + "\n"
-        argv.append("--setup-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\""
-                    f" && printf '{conf}' > \"$1/etc/initramfs-tools/conf.d/kickgate.conf\""
-                    f" && printf '{mods}' > \"$1/etc/initramfs-tools/modules\"")
+        # Written before any package unpacks, so the first initramfs is already the short one.
+        hook = " && ".join(f"mkdir -p \"$1/{Path(rel).parent}\" && printf %s {shlex.quote(text)} > \"$1/{rel}\""
+                           for rel, text in initramfs_config(spec.initramfs_modules).items())
+        argv.append(f"--setup-hook={hook}")
     argv += [spec.suite, str(tree), spec.mirror]
     return argv
+
+
+def initramfs_config(modules: tuple[str, ...]) -> dict[str, str]:
+    """Files (relative to the root) that give the image an initramfs of just these modules.
+
+    A short module list makes the initramfs a fraction of MODULES=most: GRUB loads and the kernel
+    unpacks it in seconds instead of tens of seconds on an emulated CPU. Both generators Debian
+    offers are configured; the recipe's package list decides which one the image has:
+    initramfs-tools (udev, fsck and scripts in the initramfs) or tiny-initramfs (one static binary
+    that loads the modules, waits for root=UUID= and mounts it; systemd checks the root filesystem).
+    """
+    return {
+        "etc/initramfs-tools/conf.d/kickgate.conf": "MODULES=list\nCOMPRESS=zstd\n",
+        "etc/initramfs-tools/modules": "\n".join(modules) + "\n",
+        # No modules guessed from the build host's hardware, no microcode for the build host's CPU.
+        "etc/tiny-initramfs/tiny-initramfs.conf":
+            f"AUTO_MODULES=no\nMICROCODE=no\nINCLUDE_MODULES={','.join(modules)}\n",
+    }
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -204,8 +219,8 @@ def configure_tree(recipe: Recipe, tree: Path, root_uuid: str) -> tuple[Path, Pa
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     initrds = sorted((tree / "boot").glob("initrd.img-*"))
     if not kernels or not initrds:
-        raise BuildError("configure", "no kernel or initrd in the tree's /boot: add linux-image-amd64 and "
-                         "initramfs-tools to [bootstrap] packages")
+        raise BuildError("configure", "no kernel or initrd in the tree's /boot: add linux-image-amd64 and an "
+                         "initramfs generator (initramfs-tools or tiny-initramfs) to [bootstrap] packages")
     _write(tree / "boot/grub/grub.cfg", grub_cfg(kernels[-1].name.removeprefix("vmlinuz-"), root_uuid), 0o444)
     return kernels[-1], initrds[-1]
 
