@@ -42,6 +42,11 @@ KeepPolicy = Literal["never", "on-failure", "always"]
 USER_NET = {"IP": "10.0.2.15", "MASK": "255.255.255.0", "GATEWAY": "10.0.2.2", "DNS": "10.0.2.3"}
 INIT_MARKER = "/var/run/kickgate-context-init.done"
 LOGIN_PROMPT_GRACE_S = 60.0
+# Until the guest's network is up, QEMU accepts the forwarded connection and nothing answers on it:
+# each look waits this long. Once it is up, a closed port is refused at once, so looks every POLL_S
+# find sshd within half a second of it listening.
+BANNER_WAIT_S = 2.0
+POLL_S = 0.5
 # After SSH answers, how long the rest of the boot may take before the instance is given to specs.
 SETTLE_TIMEOUT_S = 240.0
 
@@ -90,6 +95,27 @@ _PHASES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("init", re.compile(r"systemd\[1\]|Welcome to|Run /init|Reached target")),
     ("login prompt", re.compile(r"login:")),
 )
+
+
+def sshd_answering(port: int, wait: float = BANNER_WAIT_S) -> socket.socket | None:
+    """A connection to 127.0.0.1:port on which sshd has sent its banner, or None.
+
+    The banner is only peeked at: the same connection then carries the login. Every connection
+    costs the guest an sshd start, which on an emulated CPU is a good part of a second at the
+    moment the boot's last units compete for it.
+    """
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    except OSError:
+        return None
+    try:
+        sock.settimeout(wait)
+        if sock.recv(4, socket.MSG_PEEK | socket.MSG_WAITALL) == b"SSH-":
+            return sock
+    except OSError:
+        pass
+    sock.close()
+    return None
 
 
 @dataclass(frozen=True)
@@ -245,15 +271,6 @@ class Instance:
             if rx.search(text):
                 self.reached = phase
 
-    def _banner(self) -> bool:
-        """sshd answers through the forward (it sends its banner first)."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.ssh_port), timeout=3) as s:
-                s.settimeout(3)
-                return s.recv(64).startswith(b"SSH-")
-        except OSError:
-            return False
-
     def _fail(self, reason: str) -> InstanceError:
         self.failed = True
         return InstanceError(self.reached, reason, self.serial_tail(),
@@ -271,16 +288,18 @@ class Instance:
             if not self.hv.is_active(self._dom):
                 raise self._fail("the domain stopped while booting")
             self._update_reached()
-            if self._banner():
+            if (sock := sshd_answering(self.ssh_port)) is not None:
                 self.reached = "sshd"
                 try:
-                    self._ssh = self._connect()
+                    self._ssh = self._connect(sock)
                     self.reached = "key accepted"
                     break
                 except paramiko.AuthenticationException:
                     auth_error = "sshd rejected the context key (contextualization did not apply SSH_PUBLIC_KEY)"
                 except (paramiko.SSHException, OSError) as exc:
                     auth_error = f"ssh: {exc}"
+                if self._ssh is None:
+                    sock.close()
             if self.reached != last:
                 log.info("%s: reached %s after %.1fs", self.name, self.reached, time.monotonic() - start)
                 last = self.reached
@@ -297,7 +316,7 @@ class Instance:
                         "(check rc.local and /var/log/context.log in the image)")
             if time.monotonic() > deadline:
                 raise self._fail(auth_error or f"no SSH login within {self.options.boot_timeout_s:.0f}s")
-            time.sleep(1.0)
+            time.sleep(POLL_S)
         self.boot_seconds = time.monotonic() - start
         log.info("%s: SSH login with the context key after %.1fs", self.name, self.boot_seconds)
 
@@ -325,13 +344,16 @@ class Instance:
         self.settle_seconds = time.monotonic() - start
         log.info("%s: boot finished (%s) %.1fs after SSH login", self.name, state, self.settle_seconds)
 
-    def _connect(self) -> paramiko.SSHClient:
+    def _connect(self, sock: socket.socket | None = None) -> paramiko.SSHClient:
         assert self.key is not None
         client = paramiko.SSHClient()
         # Host keys are made at this instance's first boot: there is nothing to pin them against.
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        if sock is not None:
+            sock.settimeout(None)  # paramiko sets its own timeouts on the connection it is given
         client.connect("127.0.0.1", port=self.ssh_port, username="root", key_filename=str(self.key.private_path),
-                       timeout=10, banner_timeout=20, auth_timeout=20, look_for_keys=False, allow_agent=False)
+                       timeout=10, banner_timeout=20, auth_timeout=20, look_for_keys=False, allow_agent=False,
+                       sock=sock)
         return client
 
     # -- use ---------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ if [ ! -f /etc/redhat-release ]; then
     cat > /etc/systemd/system/ssh-hostkeys.service <<'EOT'
 [Unit]
 Description=Generate the SSH ed25519 host key on first boot
-Before=ssh.service
+# Made as soon as / is writable, alongside the early boot units, so that sshd starts at
+# basic.target together with rc-local instead of after a key made while rc-local holds the CPU.
+DefaultDependencies=no
+After=local-fs.target
+Before=ssh.service shutdown.target
+Conflicts=shutdown.target
 ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
 
 [Service]
