@@ -9,18 +9,26 @@ cat > "$rc" <<'EOT'
 # Mounts the CD-ROM labelled CONTEXT read-only (nosuid, nodev, noexec), sources context.sh, applies
 # the values that are well-formed (the others are logged and skipped) and runs the init scripts
 # named by INIT_SCRIPTS, which must be plain files on that CD.
-# No pathname expansion anywhere: context values are data, never patterns.
+# No pathname expansion (but for the NICs in /sys/class/net): context values are data, never patterns.
 set -f
-LOG=/var/log/context.log
-MNT=/run/one-context/cd
-WORK=/run/one-context/scripts
-BYLABEL=/dev/disk/by-label/CONTEXT
-SYSNET=/sys/class/net
-RESOLV=/etc/resolv.conf
+# This script's own paths; set again after context.sh is sourced, whose variables (any name a
+# template gives them) must never move the log, the mount point or the directory that is emptied.
+settings() {
+    LOG=/var/log/context.log
+    MNT=/run/one-context/cd
+    WORK=/run/one-context/scripts
+    BYLABEL=/dev/disk/by-label/CONTEXT
+    SYSNET=/sys/class/net
+    RESOLV=/etc/resolv.conf
+}
+settings
 
+# Every $(...) and every external command is a process; on an emulated CPU at first boot each
+# costs tens of milliseconds of the time before the first login, so splitting is done in the
+# shell: IFS=. for one expansion, then unset again (the state the main part runs in).
 valid_ipv4() {
     case $1 in ''|*[!0-9.]*|.*|*.|*..*) return 1;; esac
-    set -- $(IFS=.; printf '%s ' $1)
+    IFS=.; set -- $1; unset IFS
     [ $# -eq 4 ] || return 1
     for o in "$@"; do
         case $o in [0-9]|[1-9][0-9]|1[0-9][0-9]|2[0-4][0-9]|25[0-5]) ;; *) return 1;; esac
@@ -36,7 +44,8 @@ valid_ipv6() {
 valid_mask() {
     valid_ipv4 "$1" || return 1
     rest=255
-    for o in $(IFS=.; printf '%s ' $1); do
+    IFS=.; set -- $1; unset IFS
+    for o in "$@"; do
         # After an octet below 255 every octet must be 0: the ones are contiguous.
         if [ "$rest" != 255 ] && [ "$o" != 0 ]; then return 1; fi
         case $o in 255|254|252|248|240|224|192|128|0) rest=$o;; *) return 1;; esac
@@ -52,7 +61,8 @@ valid_mac() {
 valid_hostname() {
     [ ${#1} -ge 1 ] && [ ${#1} -le 253 ] || return 1
     case $1 in *[!A-Za-z0-9.-]*|.*|*.|*..*|-*|*-|*.-*|*-.*) return 1;; esac
-    for label in $(IFS=.; printf '%s ' $1); do
+    IFS=.; set -- $1; unset IFS
+    for label in "$@"; do
         [ ${#label} -le 63 ] || return 1
     done
 }
@@ -61,25 +71,35 @@ valid_script_name() {
     case $1 in ''|.*|*..*|*[!A-Za-z0-9._-]*) return 1;; esac
 }
 
+# mask2cidr MASK: sets cidr to the prefix length of a valid netmask.
 mask2cidr() {
     bits=0
-    for o in $(IFS=.; printf '%s ' $1); do
+    IFS=.; set -- $1; unset IFS
+    for o in "$@"; do
         case $o in 255) bits=$((bits+8));; 254) bits=$((bits+7));; 252) bits=$((bits+6));; 248) bits=$((bits+5));;
         240) bits=$((bits+4));; 224) bits=$((bits+3));; 192) bits=$((bits+2));; 128) bits=$((bits+1));; esac
     done
-    echo $bits
+    cidr=$bits
 }
 
 # The CD-ROM carrying the CONTEXT label: only a CD drive the hypervisor attached, never another
 # disk or partition that happens to carry the same label.
-context_device() {
-    for dev in $({ [ -e "$BYLABEL" ] && readlink -f "$BYLABEL"; blkid -t LABEL=CONTEXT -o device; } 2>/dev/null); do
+# first_cd DEV...: print the first CD-ROM drive among DEV, saying why each other one is ignored.
+first_cd() {
+    for dev in "$@"; do
         case $dev in
             /dev/sr[0-9]|/dev/sr[0-9][0-9]) [ -b "$dev" ] && { echo "$dev"; return 0; } ;;
         esac
         echo "ignoring $dev labelled CONTEXT: not a CD-ROM drive" >&2
     done
     return 1
+}
+
+# udev's by-label link is asked first; blkid, which reads every block device, only when it does
+# not lead to a CD drive.
+context_device() {
+    first_cd $({ [ -e "$BYLABEL" ] && readlink -f "$BYLABEL"; } 2>/dev/null) ||
+        first_cd $(blkid -t LABEL=CONTEXT -o device 2>/dev/null)
 }
 
 # apply_network N: configure the NIC whose MAC is ETHn_MAC from ETHn_IP/MASK/GATEWAY/DNS.
@@ -90,9 +110,13 @@ apply_network() {
     if ! valid_mac "$mac"; then echo "ETH${n}: skipped: ETH${n}_MAC is not a MAC address"; return 0; fi
     mac=$(printf '%s' "$mac" | tr 'A-F' 'a-f')
     ifc=""
-    for p in $(ls "$SYSNET"); do
-        [ "$(cat "$SYSNET/$p/address" 2>/dev/null)" = "$mac" ] && ifc=$p
+    set +f  # the NICs under /sys/class/net: the one place a pattern is expanded
+    for path in "$SYSNET"/*; do
+        addr=""
+        [ -r "$path/address" ] && read -r addr < "$path/address"
+        [ "$addr" = "$mac" ] && ifc=${path##*/}
     done
+    set -f
     if [ -z "$ifc" ]; then echo "ETH${n}: no NIC with MAC $mac"; return 0; fi
     eval ip=\${ETH${n}_IP:-} mask=\${ETH${n}_MASK:-255.255.255.0} gw=\${ETH${n}_GATEWAY:-} dns=\${ETH${n}_DNS:-}
     ip link set dev "$ifc" up
@@ -102,7 +126,8 @@ apply_network() {
         echo "ETH${n}: skipped address: ETH${n}_MASK is not a netmask"
     elif [ -n "$ip" ]; then
         ip addr flush dev "$ifc"
-        ip addr add "$ip/$(mask2cidr "$mask")" dev "$ifc"
+        mask2cidr "$mask"
+        ip addr add "$ip/$cidr" dev "$ifc"
         if [ -n "$gw" ] && ! valid_ipv4 "$gw"; then
             echo "ETH${n}: skipped route: ETH${n}_GATEWAY is not an IPv4 address"
         elif [ -n "$gw" ]; then
@@ -157,9 +182,10 @@ mkdir -p "$MNT"
 mount -t iso9660 -o ro,nosuid,nodev,noexec "$dev" "$MNT" || { echo "cannot mount $dev"; exit 0; }
 if [ ! -f "$MNT/context.sh" ]; then echo "no context.sh on $dev"; umount "$MNT"; exit 0; fi
 . "$MNT/context.sh"
-# Whatever context.sh set, words split and commands resolve as usual from here on.
+# Whatever context.sh set, words split, commands resolve and this script's paths are as above.
 unset IFS
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+settings
 echo "sourced context.sh from $dev"
 
 if [ -n "${SSH_PUBLIC_KEY:-}" ]; then
@@ -173,7 +199,11 @@ if [ -n "${SET_HOSTNAME:-}" ] && ! valid_hostname "$SET_HOSTNAME"; then
 elif [ -n "${SET_HOSTNAME:-}" ]; then
     echo "$SET_HOSTNAME" > /etc/hostname
     hostname "$SET_HOSTNAME"
-    grep -q " $SET_HOSTNAME\$" /etc/hosts || echo "127.0.1.1 $SET_HOSTNAME" >> /etc/hosts
+    listed=""
+    while IFS= read -r line; do
+        case $line in *" $SET_HOSTNAME") listed=1 ;; esac
+    done < /etc/hosts
+    [ -n "$listed" ] || echo "127.0.1.1 $SET_HOSTNAME" >> /etc/hosts
     echo "hostname set to $SET_HOSTNAME"
 fi
 
