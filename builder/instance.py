@@ -344,13 +344,13 @@ class Instance:
         self.settle_seconds = time.monotonic() - start
         log.info("%s: boot finished (%s) %.1fs after SSH login", self.name, state, self.settle_seconds)
 
-    def _connect(self, sock: socket.socket | None = None) -> paramiko.SSHClient:
+    def _connect(self, sock: socket.socket) -> paramiko.SSHClient:
+        """Log in on sock, a connection sshd has already answered on."""
         assert self.key is not None
         client = paramiko.SSHClient()
         # Host keys are made at this instance's first boot: there is nothing to pin them against.
         client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        if sock is not None:
-            sock.settimeout(None)  # paramiko sets its own timeouts on the connection it is given
+        sock.settimeout(None)  # paramiko sets its own timeouts on the connection it is given
         client.connect("127.0.0.1", port=self.ssh_port, username="root", key_filename=str(self.key.private_path),
                        timeout=10, banner_timeout=20, auth_timeout=20, look_for_keys=False, allow_agent=False,
                        sock=sock)
