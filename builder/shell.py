@@ -137,13 +137,17 @@ class ProcessStream:
         with contextlib.suppress(OSError):
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            # Still busy with a command (a timeout): stop it and whatever it started.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        # Still busy with a command (a timeout): stop it and whatever it started. TERM first, which
+        # the shell traps to remove its temporary directory; KILL what is left.
+        for sig, wait in ((None, 1.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, None)):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         if self.proc.stdout is not None:
             self.proc.stdout.close()
 

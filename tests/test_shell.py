@@ -29,16 +29,21 @@ class LocalShellBackend(ShellBackend):
         return ProcessStream(self.argv)
 
 
+def sh_in(tmp: Path) -> list[str]:
+    """A local shell whose own temporary directory is made under tmp (where a killed one leaves it)."""
+    return ["env", f"TMPDIR={tmp}", "sh"]
+
+
 @pytest.fixture
-def shell() -> Iterator[Shell]:
-    sh = Shell(ProcessStream(["sh"]), timeout=30)
+def shell(tmp_path: Path) -> Iterator[Shell]:
+    sh = Shell(ProcessStream(sh_in(tmp_path)), timeout=30)
     yield sh
     sh.close()
 
 
 @pytest.fixture
-def host() -> Iterator[testinfra.host.Host]:
-    backend = LocalShellBackend()
+def host(tmp_path: Path) -> Iterator[testinfra.host.Host]:
+    backend = LocalShellBackend(argv=tuple(sh_in(tmp_path)))
     h = testinfra.host.Host(backend)
     backend.set_host(h)
     yield h
@@ -108,14 +113,16 @@ def test_a_shell_that_dies_is_reported(shell: Shell) -> None:
         shell.run(b"true")
 
 
-def test_timeout() -> None:
-    sh = Shell(ProcessStream(["sh"]), timeout=30)
+def test_timeout(tmp_path: Path) -> None:
+    sh = Shell(ProcessStream(sh_in(tmp_path)), timeout=30)
     try:
         with pytest.raises(ShellError, match="within"):
             sh.run(b"sleep 5", timeout=0.5)
         assert sh.broken
     finally:
         sh.close()
+    # Stopped while busy, the shell still removed its temporary directory on the way out.
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_quote_rejects_nul() -> None:
