@@ -154,7 +154,7 @@ def initramfs_config(modules: tuple[str, ...]) -> dict[str, str]:
     unpacks it in seconds instead of tens of seconds on an emulated CPU. Both generators Debian
     offers are configured; the recipe's package list decides which one the image has:
     initramfs-tools (udev, fsck and scripts in the initramfs) or tiny-initramfs (one static binary
-    that loads the modules, waits for root=UUID= and mounts it; systemd checks the root filesystem).
+    that loads the modules, waits for root=UUID= and mounts it; no fsck, as with the list before).
     """
     return {
         "etc/initramfs-tools/conf.d/kickgate.conf": "MODULES=list\nCOMPRESS=zstd\n",
